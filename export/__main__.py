@@ -11,9 +11,16 @@ in export/README.md.  Thin over :func:`tfcert.export.export_saved_model`.
 
 from __future__ import annotations
 
-from absl import flags
+import os
+import sys
 
-from tfcert import cli
+# `python export` puts export/ first on sys.path: import the tfcert of this checkout, not
+# whatever other tfcert is installed.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import flags  # noqa: E402
+
+from tfcert import cli  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "Trained base classifier (.keras file giving logits).")

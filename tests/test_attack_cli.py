@@ -58,7 +58,7 @@ def test_attack_streams_resumes_extends_and_analyzes(digits_model, tmp_path):
     again = attack(*common, "--eps=0.05,0.1")  # nothing left to do
     assert again.returncode == 0 and results.read_tsv(str(tsv)) == rows
     mismatch = attack(*common, "--eps=0.05", "--steps=7")
-    assert "other settings" in one_line_error(mismatch)
+    assert "--steps (5 -> 7)" in one_line_error(mismatch)
     assert results.read_tsv(str(tsv)) == rows
 
     compare = attack(f"--analyze={tsv},{tsv}", f"--output_dir={tmp_path / 'cmp'}")
@@ -92,4 +92,25 @@ def test_bad_flags_give_one_line_errors(digits_model, tmp_path, args, message):
     proc = attack(f"--model={digits_model}", "--dataset=digits",
                   f"--output_dir={tmp_path / 'bad'}", *args)
     assert message in one_line_error(proc)
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("changed, shown", [("--split=train", "--split (test -> train)"),
+                                            ("--skip=2", "--skip (0 -> 2)"),
+                                            ("--stride=2", "--stride (1 -> 2)")])
+def test_data_flags_are_part_of_the_run(digits_model, tmp_path, changed, shown):
+    """Issue: the shared data flags were not recorded, so other examples mixed into a run."""
+    common = [f"--model={digits_model}", "--dataset=digits", "--attack=pgd_linf", "--eps=0.05",
+              "--num_examples=3", "--steps=2", f"--output_dir={tmp_path / 'run'}"]
+    assert attack(*common).returncode == 0
+    before = (tmp_path / "run" / "attack.tsv").read_bytes()
+    error = one_line_error(attack(*common, changed))
+    assert f"differ from the run in {tmp_path / 'run'}: {shown}" in error
+    assert (tmp_path / "run" / "attack.tsv").read_bytes() == before
+
+
+def test_a_model_that_does_not_fit_the_data_is_refused_before_any_output(digits_model, tmp_path):
+    proc = attack(f"--model={digits_model}", "--dataset=mnist_subset", "--eps=0.1",
+                  "--num_examples=2", f"--output_dir={tmp_path / 'bad'}")
+    assert "(8, 8, 1)" in one_line_error(proc)
     assert not (tmp_path / "bad").exists()

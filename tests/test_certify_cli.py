@@ -60,17 +60,98 @@ def test_certify_streams_resumes_and_summarizes(digits_model, tmp_path):
 
     rerun = certify(*args)  # nothing left to do: same rows
     assert rerun.returncode == 0 and results.read_tsv(str(tsv)) == rows
+    # ... and they are the rows of an uninterrupted run (per-example noise)
+    whole = certify(*common(digits_model, tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr
+    assert without_seconds(rows) == without_seconds(
+        results.read_tsv(str(tmp_path / "whole" / "certify.tsv")))
+    # a torn last line (killed mid-write) is dropped with a warning and recomputed
+    lines = tsv.read_text().splitlines(keepends=True)
+    tsv.write_text("".join(lines[:-2]) + lines[-2][:7])
+    repaired = certify(*args)
+    assert repaired.returncode == 0 and "incomplete last line" in repaired.stderr
+    assert without_seconds(results.read_tsv(str(tsv))) == without_seconds(rows)
 
     compare = certify(f"--analyze={tsv},{tsv}", f"--output_dir={tmp_path / 'cmp'}")
     assert compare.returncode == 0, compare.stderr
     assert (tmp_path / "cmp" / "certified_accuracy_compare.png").exists()
 
 
+def without_seconds(rows):
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+
 def test_changed_settings_refuse_to_mix_runs(digits_model, tmp_path):
+    """Issue: data flags were not recorded, so --split/--skip/--stride mixed runs."""
     out = tmp_path / "run"
     assert certify(*common(digits_model, out, 3)).returncode == 0
-    other = certify(*common(digits_model, out, 3), "--alpha=0.01")
-    assert other.returncode == 1 and "alpha: 0.001 -> 0.01" in other.stderr
+    before = {name: (out / name).read_bytes() for name in ("config.json", "certify.tsv")}
+    for changed, shown in (("--alpha=0.01", "--alpha (0.001 -> 0.01)"),
+                           ("--split=train", "--split (test -> train)"),
+                           ("--skip=3", "--skip (0 -> 3)"), ("--stride=2", "--stride (1 -> 2)"),
+                           ("--dataset=mnist_subset", "--dataset (digits -> mnist_subset)")):
+        other = certify(*common(digits_model, out, 3), changed)
+        assert other.returncode == 1, changed
+        lines = other.stderr.strip().splitlines()  # TF's own start-up lines may precede
+        assert lines[-1].startswith("error: "), other.stderr
+        assert sum(line.startswith("error") for line in lines) == 1, other.stderr
+        if "dataset" not in changed:  # mnist_subset is refused earlier: the model does not fit
+            assert f"differ from the run in {out}: {shown}" in lines[-1]
+        assert {name: (out / name).read_bytes() for name in before} == before  # untouched
+    grown = certify(*common(digits_model, out, 5), "--images_per_step=2")
+    assert grown.returncode == 0, grown.stderr
+    assert [r["index"] for r in results.read_tsv(str(out / "certify.tsv"))] == list("01234")
+
+
+def test_rows_do_not_depend_on_images_per_step_batch_size_or_shards(digits_model, tmp_path):
+    """Issue: votes changed with --images_per_step.  Now every way of cutting the work
+    (steps, pass sizes, shards joined by --merge) gives the rows of a single run."""
+    single = certify(*common(digits_model, tmp_path / "single", 7), "--images_per_step=5")
+    assert single.returncode == 0, single.stderr
+    other = certify(*common(digits_model, tmp_path / "other", 7), "--images_per_step=3",
+                    "--batch_size=50")
+    assert other.returncode == 0, other.stderr
+    reference = without_seconds(results.read_tsv(str(tmp_path / "single" / "certify.tsv")))
+    assert without_seconds(results.read_tsv(str(tmp_path / "other" / "certify.tsv"))) == reference
+    shards = [tmp_path / f"shard{j}" for j in range(3)]
+    for j, shard in enumerate(shards):
+        run = certify(*common(digits_model, shard, 7), "--num_shards=3", f"--shard_index={j}")
+        assert run.returncode == 0, run.stderr
+        indices = [int(r["index"]) for r in results.read_tsv(str(shard / "certify.tsv"))]
+        assert indices == list(range(j, 7, 3))
+    merged = certify(f"--merge={','.join(map(str, shards))}", f"--output_dir={tmp_path / 'm'}")
+    assert merged.returncode == 0, merged.stderr
+    assert without_seconds(results.read_tsv(str(tmp_path / "m" / "certify.tsv"))) == reference
+    for name in ("summary.txt", "certified_accuracy.tsv", "certified_accuracy.png"):
+        assert (tmp_path / "m" / name).exists()
+    assert (tmp_path / "m" / "summary.txt").read_text() == (
+        tmp_path / "single" / "summary.txt").read_text()
+
+
+def test_merge_refuses_incomplete_or_foreign_shards(digits_model, tmp_path):
+    shards = [tmp_path / f"shard{j}" for j in range(2)]
+    assert certify(*common(digits_model, shards[0], 4), "--num_shards=2").returncode == 0
+    missing = certify(f"--merge={shards[0]}", f"--output_dir={tmp_path / 'm'}")
+    assert missing.returncode == 1 and "each of the 2 shards once" in missing.stderr
+    foreign = certify(*common(digits_model, shards[1], 4), "--num_shards=2", "--shard_index=1",
+                      "--alpha=0.01")
+    assert foreign.returncode == 0
+    mixed = certify(f"--merge={shards[0]},{shards[1]}", f"--output_dir={tmp_path / 'm'}")
+    assert mixed.returncode == 1 and "--alpha (0.001 -> 0.01)" in mixed.stderr
+    assert not (tmp_path / "m").exists()
+    twice = certify(f"--merge={shards[0]},{shards[0]}", f"--output_dir={tmp_path / 'm'}")
+    assert twice.returncode == 1 and "shard indices [0, 0]" in twice.stderr
+
+
+def test_a_model_that_does_not_fit_the_data_is_refused_before_any_output(digits_model, tmp_path):
+    """Issue: an 8x8 digits model on mnist_subset ended in a traceback and left a folder."""
+    out = tmp_path / "o"
+    result = certify(f"--model={digits_model}", "--dataset=mnist_subset", "--sigma=0.25",
+                     "--num_examples=2", f"--output_dir={out}")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: model ")
+    assert "(8, 8, 1)" in result.stderr and "(28, 28, 1)" in result.stderr
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("args, message", [

@@ -23,6 +23,9 @@ from tfcert import bounds, cli, export, models, stats
 from tfcert.layers import GaussianNoise
 from tfcert.layers.discretization import RandomizedDiscretization
 from tfcert.smoothing import SmoothedClassifier
+# TensorFlow's saved_model_cli of the interpreter running the tests (a venv's bin/ need
+# not be on PATH)
+SAVED_MODEL_CLI = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIGMA, NUM_SAMPLES, ALPHA, PASS_SIZE = 0.25, 1000, 0.001, 256
@@ -192,8 +195,8 @@ def served(trained, exports, tmp_path_factory) -> dict:
         "served": start([sys.executable, "-c", SERVED, json.dumps(args)], cwd=str(folder)),
         "big": start([sys.executable, "-c", BIG, json.dumps({**args, "export": exports["big"]})],
                      cwd=str(folder)),
-        "show": start(["saved_model_cli", "show", "--dir", exports["main"], "--all"]),
-        "run": start(["saved_model_cli", "run", "--dir", exports["main"], "--tag_set", "serve",
+        "show": start([SAVED_MODEL_CLI, "show", "--dir", exports["main"], "--all"]),
+        "run": start([SAVED_MODEL_CLI, "run", "--dir", exports["main"], "--tag_set", "serve",
                       "--signature_def", "certify_seeded", "--inputs", f"images={first8}",
                       "--input_exprs", f"seed={SEEDS}", "--outdir", str(folder / "run")]),
     }
@@ -247,14 +250,13 @@ def test_agrees_statistically_with_smoothed_classifier_certify(served, trained):
 
 @pytest.mark.slow  # shares the ~1 min `served` setup
 def test_seeded_certificate_equals_the_library_on_the_same_votes(served, trained):
-    """Row i's votes are `count_votes` of image i alone with stateless seed [seed_i, 0]."""
+    """Row i's votes are the Python API's votes of image i alone with seed seed_i."""
     model, x = trained.model, trained.images
     smoothed = SmoothedClassifier(model, 10, GaussianNoise(SIGMA))
     out = arrays(served["seeded"][0])
     for i, seed in enumerate(SEEDS):
-        votes = smoothed.count_votes(tf.constant(x[i:i + 1]), NUM_SAMPLES, PASS_SIZE,
-                                     tf.constant([seed, 0], tf.int64))
-        np.testing.assert_array_equal(out["counts"][i], votes.numpy()[0])
+        votes = smoothed.sample_counts(x[i:i + 1], NUM_SAMPLES, PASS_SIZE, seed=int(seed))
+        np.testing.assert_array_equal(out["counts"][i], votes[0])
     p1, p2, top = (np.asarray(v) for v in stats.simultaneous_bounds(out["counts"], ALPHA))
     np.testing.assert_allclose(out["p1_lower"], p1, rtol=1e-12, atol=0)
     np.testing.assert_allclose(out["p2_upper"], p2, rtol=1e-12, atol=0)
@@ -524,3 +526,16 @@ def test_grpc_client_and_models_config(exports, served, trained):
         response.outputs[key].CopyFrom(tf.make_tensor_proto(value.numpy()))
     for key, value in client.parse_response(response).items():
         np.testing.assert_array_equal(value, served["seeded"][0][key])
+
+
+def test_export_entry_point_imports_its_own_checkout(tmp_path):
+    """Issue: `python export` imported whatever tfcert came first on sys.path."""
+    impostor = tmp_path / "tfcert"
+    impostor.mkdir()
+    (impostor / "__init__.py").write_text("raise ImportError('the wrong tfcert')\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}  # ahead of site-packages
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "export"), "--sigma=0.5"],
+                          capture_output=True, text=True, timeout=300, env=env,
+                          cwd=str(tmp_path))
+    assert "the wrong tfcert" not in proc.stderr
+    assert proc.returncode == 1 and "--model is required" in proc.stderr

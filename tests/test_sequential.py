@@ -29,6 +29,7 @@ def test_checkpoints_are_geometric_and_levels_sum_to_alpha():
     for bad in ({"target_radius": -1.0}, {"target_radius": 0.1, "growth": 1.0},
                 {"target_radius": 0.1, "first_checkpoint": 0},
                 {"target_radius": 0.1, "final_share": 0.0},
+                {"target_radius": 0.1, "final_share": 1.0},  # nothing left for early looks
                 {"target_radius": 0.1, "futility_level": 1.0}):
         with pytest.raises(ValueError):
             EarlyStopping(**bad)
@@ -37,7 +38,7 @@ def test_checkpoints_are_geometric_and_levels_sum_to_alpha():
 def binomial_streams(p, seed):
     """A `Draw` of i.i.d. multinomial votes with class probabilities ``p``."""
     rng = np.random.default_rng(seed)
-    return lambda images, num_new, step: rng.multinomial(num_new, p, size=len(images))
+    return lambda images, first_draw, num_new: rng.multinomial(num_new, p, size=len(images))
 
 
 @pytest.mark.parametrize("p1", [0.7, 0.9])
@@ -82,14 +83,15 @@ def test_decided_images_drop_out_and_the_rest_keep_sampling():
     rng = np.random.default_rng(0)
     calls = []
 
-    def draw(images, num_new, step):
-        calls.append((step, images.tolist(), num_new))
+    def draw(images, first_draw, num_new):
+        calls.append((first_draw, images.tolist(), num_new))
         return np.stack([rng.multinomial(num_new, p[i]) for i in images])
 
     rule = EarlyStopping(0.5, first_checkpoint=50)
     cert = run_sequential(draw, 3, 2, 6400, rule, 0.001, 1.0, "cohen")
     assert calls[0] == (0, [0, 1, 2], 50)
-    assert [c[0] for c in calls] == list(range(len(calls)))
+    # every call continues where the previous one stopped: no draw is counted twice
+    assert all(later[0] == earlier[0] + earlier[2] for earlier, later in zip(calls, calls[1:]))
     assert all(set(later[1]) <= set(earlier[1]) for earlier, later in zip(calls, calls[1:]))
     assert 0 not in calls[1][1] and calls[-1][1] == [2]
     np.testing.assert_array_equal(cert.counts.sum(axis=1), cert.num_samples)
@@ -140,3 +142,30 @@ def test_seeded_runs_repeat():
                      for _ in range(2))
     np.testing.assert_array_equal(first.counts, second.counts)
     np.testing.assert_array_equal(first.radius, second.radius)
+
+
+def test_checkpoint_votes_are_a_fixed_run_truncated():
+    """Checkpoint j's votes are draws 0 … n_j − 1 of the fixed-n run with the same seed."""
+    model = linear_model(np.ones(16) / 4, -2.0)
+    sc = SmoothedClassifier(model, 2, GaussianNoise(1.0))
+    x = np.full((3, *SHAPE), 0.5, np.float32)  # undecidable: runs to the last checkpoint
+    rule = EarlyStopping(0.5, first_checkpoint=100)
+    seq = certify_sequential(sc, x, 700, rule, alpha=0.001, seed=4, indices=[3, 9, 27])
+    fixed = sc.sample_counts(x, 100, seed=4, indices=[3, 9, 27])
+    stopped = seq.counts.sum(axis=1) == 100
+    np.testing.assert_array_equal(seq.counts[stopped], fixed[stopped])
+
+
+def test_unseeded_calls_never_reuse_noise():
+    """Issue: unseeded calls used to repeat pass i + 1 of the previous call as pass i.
+
+    One tied image (w·x + b = 0), n = 100 draws per call in passes of 10: with a
+    fresh run key per call, consecutive calls' votes are independent, so their
+    correlation over 400 call pairs is ~N(0, 1/400) (|r| < 0.25 fails with
+    probability < 1e-6); the old counter scheme shared 9 of 10 passes (r ≈ 0.9).
+    """
+    model = linear_model(np.ones(16) / 4, -2.0)
+    sc = SmoothedClassifier(model, 2, GaussianNoise(1.0))
+    x = np.full((1, *SHAPE), 0.5, np.float32)
+    votes = np.array([sc.sample_counts(x, 100, batch_size=10)[0, 0] for _ in range(401)])
+    assert abs(np.corrcoef(votes[:-1], votes[1:])[0, 1]) < 0.25

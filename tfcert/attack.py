@@ -88,11 +88,12 @@ flags.DEFINE_list("analyze", None, "Only draw these finished attack.tsv files on
 
 COLUMNS = ["key", "eps", "index", "label", "clean_prediction", "adv_prediction", "distance",
            "robust", "seconds"]
-RESUME_KEYS = ("model", "model_sha256", "dataset", "split", "skip", "stride", "defense", "sigma",
-               "center_stddev", "num_clusters", "num_votes", "bits", "jpeg_quality",
-               "tvm_weight", "attack", "source_model", "source_model_sha256", "transfer_norm",
-               "steps", "step_size", "eot_samples", "loss", "confidence", "initial_const",
-               "binary_search_steps", "learning_rate", "trials", "seed")
+# Flags that never change a row (where the run goes, which rows are wanted, how it is
+# shown); every other flag, including any added later, is the run's identity.  Models are
+# identified by their SHA-256, not their paths.  (--batch_size is not operational: an
+# attack draws the random starts of a batch from one seed.)
+OPERATIONAL = frozenset({"output_dir", "model", "source_model", "num_examples", "eps",
+                         "download", "analyze"})
 
 
 @dataclasses.dataclass
@@ -153,15 +154,18 @@ def sweep(grid: list[float]) -> None:
 
     from tfcert import results
 
-    indices, images, labels, meta = cli.select_examples()
+    indices, images, labels, meta = cli.select_examples(FLAGS, shard=False)
     base = cli.load_model(FLAGS.model)
+    cli.check_model_fits(base, meta, FLAGS.model, FLAGS.dataset)
     source = cli.load_model(FLAGS.source_model) if FLAGS.source_model else None
+    if source is not None:
+        cli.check_model_fits(source, meta, FLAGS.source_model, FLAGS.dataset)
     config = {**cli.script_flags(), "model_sha256": cli.file_sha256(FLAGS.model),
               "source_model_sha256": (cli.file_sha256(FLAGS.source_model)
                                       if FLAGS.source_model else None),
               "steps": FLAGS.steps or DEFAULT_STEPS[FLAGS.attack],
               "eot_samples": FLAGS.eot_samples or (20 if FLAGS.defense in RANDOMIZED else 1)}
-    results.prepare_run_dir(FLAGS.output_dir, config, RESUME_KEYS)
+    results.prepare_run_dir(FLAGS.output_dir, config, OPERATIONAL, cli.flag_defaults())
     table = results.ResultTable(os.path.join(FLAGS.output_dir, "attack.tsv"), COLUMNS, "key")
     defense = build_defense(base, meta.num_classes)
     attack = make_attack(defense, source, config)

@@ -63,18 +63,39 @@ def define_data_flags(verb: str) -> None:
                          lower_bound=1)
 
 
-def select_examples():
-    """(index, image, label) arrays of the examples the data flags choose, and the dataset info."""
-    import numpy as np
+def define_shard_flags() -> None:
+    """Defines --num_shards / --shard_index: split the selected examples over processes."""
     from absl import flags
+
+    flags.DEFINE_integer("num_shards", 1, "Split the selected examples into this many shards "
+                         "(one process or machine each; join them with --merge).", lower_bound=1)
+    flags.DEFINE_integer("shard_index", 0, "This process's shard: the selected examples at "
+                         "positions i with i mod --num_shards = --shard_index.", lower_bound=0)
+
+
+def select_examples(options, shard: bool = True):
+    """(index, image, label) arrays of the examples the data flags choose, and the dataset info.
+
+    ``options`` has the data flags as attributes (``absl.flags.FLAGS`` or a namespace):
+    ``--num_examples`` examples of the split, every ``--stride``-th after ``--skip``;
+    with ``shard``, only the positions i of that selection with i mod ``num_shards`` =
+    ``shard_index``.  Indices are positions in the split: the noise of an example is
+    keyed by its index, so any shard or resumed run certifies it identically.
+    """
+    import numpy as np
 
     from tfcert import data
 
-    f = flags.FLAGS
+    f = options
     require(f.dataset in data.DATASETS,
             f"unknown --dataset={f.dataset}; choose one of {', '.join(data.DATASETS)}")
     ds = data.load(f.dataset, f.split, f.data_dir, f.download).skip(f.skip).enumerate()
     ds = ds.filter(lambda i, _: i % f.stride == 0).take(f.num_examples)
+    if shard:
+        require(f.shard_index < f.num_shards,
+                f"--shard_index={f.shard_index} must be < --num_shards={f.num_shards}")
+        ds = ds.enumerate().filter(lambda p, _: p % f.num_shards == f.shard_index).map(
+            lambda _, example: example)
     picked = list(ds.as_numpy_iterator())
     require(bool(picked), f"--skip={f.skip} leaves no examples in {f.dataset}")
     indices = np.array([f.skip + int(i) for i, _ in picked])
@@ -83,11 +104,37 @@ def select_examples():
     return indices, images, labels, data.info(f.dataset)
 
 
-def script_flags() -> dict:
-    """The values of the flags defined by the running script (its full configuration)."""
+def check_model_fits(model, meta, model_path: str, dataset: str) -> None:
+    """One-line `CliError` unless ``model`` takes the images of ``dataset`` (its
+    `DatasetInfo` ``meta``) and gives one logit per class."""
+    expected = tuple(meta.image_shape)
+    given = tuple(model.input_shape[1:]) if len(model.input_shape) > 1 else ()
+    fits = len(given) == len(expected) and all(g in (None, e) for g, e in zip(given, expected))
+    require(fits, f"model {model_path} takes images of shape {given}, but {dataset} has "
+            f"{expected}: pass the model trained on this --dataset")
+    outputs = model.output_shape[-1]
+    require(outputs == meta.num_classes,
+            f"model {model_path} gives {outputs} outputs, but {dataset} has "
+            f"{meta.num_classes} classes: pass the model trained on this --dataset")
+
+
+def _run_flags():
+    """The flags of the running script and of tfcert's modules (not absl's own)."""
     from absl import flags
 
-    return {f.name: f.value for f in flags.FLAGS.get_key_flags_for_module(sys.argv[0])}
+    return [flag for module, defined in flags.FLAGS.flags_by_module_dict().items()
+            if module in (sys.argv[0], "__main__") or module.startswith("tfcert")
+            for flag in defined]
+
+
+def script_flags() -> dict:
+    """Every flag of the running script and of tfcert's modules: the run's full configuration."""
+    return {flag.name: flag.value for flag in _run_flags()}
+
+
+def flag_defaults() -> dict:
+    """The defaults of the flags of `script_flags`."""
+    return {flag.name: flag.default for flag in _run_flags()}
 
 
 def require(condition: bool, message: str) -> None:

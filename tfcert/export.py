@@ -22,13 +22,14 @@ Signatures (each takes ``images``: float32 ``[batch, H, W, C]`` in [0, 1], any b
     level α, else −1.  Outputs ``prediction`` (int64), ``counts``, ``p_value`` (float64).
 ``certify_seeded``, ``predict_seeded``
     The same with a second input ``seed`` (int64 ``[batch]``, one per image).  Each
-    image is sampled on its own with the stateless seed ``[seed, 0]``, so its answer
+    image's noise is keyed by its own seed (run key ``[seed, 0]``, image index 0, as
+    `SmoothedClassifier.certify(image[None], seed=seed)` keys it), so its answer
     depends only on its image and its seed: identical on every call, whatever else is in
-    the batch (also under TF Serving's request batching).  TF Serving's row format needs
+    the batch (also under TF Serving's request batching), and equal to the Python API's.  TF Serving's row format needs
     every input to share the batch dimension, and signature inputs cannot be optional,
     hence separate signatures rather than an optional scalar seed.
 
-Fresh noise: the unseeded signatures draw their stateless seed from a
+Fresh noise: the unseeded signatures draw their run key from a
 ``RandomUniformInt`` op with zero seed attributes, which TensorFlow seeds from OS
 entropy when the model is loaded: noise differs per call, per concurrent request and
 per server restart.  (The noise layer's ``keras.random.SeedGenerator`` would restart
@@ -60,7 +61,7 @@ import tensorflow as tf
 
 import tfcert
 from tfcert import stats
-from tfcert.smoothing import ABSTAIN, RADII, SmoothedClassifier
+from tfcert.smoothing import ABSTAIN, ESTIMATION, RADII, SmoothedClassifier, draw_keys
 
 BOUNDS = (*RADII, "none")
 CONFIG_ASSET = "tfcert_config.json"
@@ -342,28 +343,30 @@ class _VoteCounter:
         self.pass_size = config.pass_size
 
     def fresh(self, images: tf.Tensor, num_samples: int) -> tf.Tensor:
-        """Votes with unpredictable noise: a stateless seed drawn from OS entropy per call."""
+        """Votes with unpredictable noise: a run key drawn from OS entropy per call, image
+        ``b`` of the request keyed by its position ``b``."""
+        images = self.checked(images)
         entropy = tf.raw_ops.RandomUniformInt(shape=[2], minval=tf.constant(_INT64.min),
                                               maxval=tf.constant(_INT64.max), seed=0, seed2=0)
-        return self.count(self.checked(images), num_samples, entropy)
+        positions = tf.range(tf.shape(images, out_type=tf.int64)[0])
+        return self.count(images, num_samples, draw_keys(entropy, ESTIMATION, positions))
 
     def seeded(self, images: tf.Tensor, seed: tf.Tensor, num_samples: int) -> tf.Tensor:
-        """Votes of each image on its own, with the stateless seed ``[seed_i, 0]``."""
+        """Votes of each image with run key ``[seed_i, 0]`` and index 0: the votes of
+        ``SmoothedClassifier.sample_counts(image[None], n, seed=seed_i)``, whatever else
+        is in the request."""
         images = self.checked(images)
         check = tf.debugging.assert_equal(tf.shape(seed)[0], tf.shape(images)[0],
                                           message="seed must have one entry per image")
         with tf.control_dependencies([check]):
-            seed = tf.identity(seed)
-        zero = tf.constant(0, tf.int64)
-        return tf.map_fn(
-            lambda row: self.count(row[0][None], num_samples, tf.stack([row[1], zero]))[0],
-            (images, seed), fn_output_signature=tf.TensorSpec([self.smoothed.num_classes],
-                                                              tf.int64),
-            parallel_iterations=1)  # one image's passes at a time: bounded memory
+            seed = tf.cast(seed, tf.int64)
+        keys = tf.stack([seed, tf.zeros_like(seed)], axis=1)
+        return self.count(images, num_samples,
+                          draw_keys(keys, ESTIMATION, tf.zeros_like(seed)))
 
-    def count(self, images: tf.Tensor, num_samples: int, seed: tf.Tensor) -> tf.Tensor:
-        return self.smoothed.count_votes(images, tf.constant(num_samples, tf.int64),
-                                         tf.constant(self.pass_size, tf.int64), seed)
+    def count(self, images: tf.Tensor, num_samples: int, keys: tf.Tensor) -> tf.Tensor:
+        return self.smoothed.count_votes(images, keys, tf.constant(num_samples, tf.int64),
+                                         tf.constant(self.pass_size, tf.int64))
 
     def checked(self, images: tf.Tensor) -> tf.Tensor:
         """``images`` once the request is known to be valid (else InvalidArgument)."""

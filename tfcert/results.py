@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import sys
 from typing import Any, Iterable, Mapping, Sequence
 
 
@@ -19,36 +20,78 @@ class RunConfigMismatchError(RuntimeError):
     """The output directory holds a run with another configuration."""
 
 
-def prepare_run_dir(output_dir: str, config: Mapping[str, Any],
-                    resume_keys: Sequence[str]) -> None:
-    """Creates ``output_dir`` and its ``config.json``, or checks it against ``config``.
+def prepare_run_dir(output_dir: str, config: Mapping[str, Any], operational: Iterable[str],
+                    defaults: Mapping[str, Any] | None = None) -> None:
+    """Checks ``output_dir`` against ``config``, then creates it and its ``config.json``.
+
+    Every setting of ``config`` except the ``operational`` ones (scheduling, output and
+    display options, which never change a row) is the run's identity: a directory
+    holding a run whose identity differs is refused with `RunConfigMismatchError`
+    *before anything is written*.  A setting missing from an older ``config.json`` is
+    taken to have had its value in ``defaults``.
 
     Args:
         output_dir: the run directory.
-        config: the full configuration (JSON-serialisable).
-        resume_keys: the settings that must be equal to resume an existing run (the
-            others, such as batch size or progress options, may change).
+        config: the full configuration (JSON-serialisable), e.g. every flag.
+        operational: names of the settings that may change between resumes.
+        defaults: values of settings an older run did not record.
     """
-    os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, "config.json")
+    config = json.loads(json.dumps(dict(config), default=str))  # as it reads back
     if os.path.exists(path):
-        with open(path) as f:
-            try:
-                old = json.load(f)
-            except json.JSONDecodeError as err:
-                raise RunConfigMismatchError(
-                    f"{path} is corrupt ({err}); delete {output_dir} or choose another "
-                    "--output_dir") from err
-        changed = sorted(k for k in resume_keys if old.get(k) != config.get(k))
+        old = read_config(path)
+        skip, defaults = set(operational), dict(defaults or {})
+        changed = [k for k in sorted(set(old) | set(config)) if k not in skip
+                   and old.get(k, defaults.get(k)) != config.get(k, defaults.get(k))]
         if changed:
-            details = ", ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in changed)
+            details = ", ".join(f"--{k} ({_show(old.get(k, defaults.get(k)))} -> "
+                                f"{_show(config.get(k, defaults.get(k)))})" for k in changed)
             raise RunConfigMismatchError(
-                f"{output_dir} holds a run with other settings ({details}); choose another "
-                "--output_dir or delete it")
-    tmp = path + ".tmp"
+                f"the settings differ from the run in {output_dir}: {details}; use the same "
+                "settings to resume it, or another --output_dir")
+    os.makedirs(output_dir, exist_ok=True)
+    write_atomic(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def read_config(path: str) -> dict[str, Any]:
+    """A run's ``config.json``, with a one-line error if it is corrupt."""
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as err:
+            raise RunConfigMismatchError(
+                f"{path} is corrupt ({err}); delete {os.path.dirname(path)} or choose another "
+                "--output_dir") from err
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Writes ``text`` to ``path`` so that a reader sees the old file or the whole new one."""
+    tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
-        json.dump(dict(config), f, indent=2, sort_keys=True, default=str)
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def lock_run_dir(output_dir: str):
+    """Takes an exclusive lock on ``output_dir`` for this process (released at exit, also
+    when killed); a second process writing the same run is refused."""
+    import fcntl
+
+    handle = open(os.path.join(output_dir, ".lock"), "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        handle.close()
+        raise RunConfigMismatchError(
+            f"another process is writing the run in {output_dir}; wait for it or choose "
+            "another --output_dir") from err
+    return handle
+
+
+def _show(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 class ResultTable:
@@ -68,23 +111,30 @@ class ResultTable:
         if os.path.exists(path):
             self._load_existing()
         else:
-            with open(path, "w", newline="") as f:
-                f.write("\t".join(self.columns) + "\n")
+            write_atomic(path, "\t".join(self.columns) + "\n")
 
     def _load_existing(self) -> None:
         with open(self.path, "rb") as f:
             data = f.read()
         complete = data[: data.rfind(b"\n") + 1]
         if len(complete) != len(data):  # torn last line from an interruption
+            print(f"warning: dropped an incomplete last line of {self.path} (an interrupted "
+                  "write); it is recomputed", file=sys.stderr)
             with open(self.path, "wb") as f:
                 f.write(complete)
+                f.flush()
+                os.fsync(f.fileno())
         lines = complete.decode().splitlines()
         if not lines or lines[0].split("\t") != self.columns:
             raise RunConfigMismatchError(
                 f"{self.path} has another header than {self.columns}; choose another "
                 "--output_dir or delete the file")
-        self.rows = [dict(zip(self.columns, line.split("\t"))) for line in lines[1:]
-                     if len(line.split("\t")) == len(self.columns)]
+        rows = [dict(zip(self.columns, line.split("\t"))) for line in lines[1:]
+                if len(line.split("\t")) == len(self.columns)]
+        first = {}
+        for row in rows:  # a key written twice (older versions) counts once
+            first.setdefault(row[self.key], row)
+        self.rows = list(first.values())
 
     @property
     def done(self) -> set[str]:

@@ -55,10 +55,11 @@ import numpy as np
 
 from tfcert import stats
 from tfcert.smoothing import (ABSTAIN, RADII, Certificate, SmoothedClassifier, bound_names,
-                              certificate_from_counts)
+                              certificate_from_counts, run_key)
 
-# draw(images, num_new, step) -> int [len(images), k] votes of `num_new` fresh draws for
-# each of `images` (indices into the batch); `step` numbers the calls (fresh noise).
+# draw(images, first_draw, num_new) -> int [len(images), k] votes of the draws numbered
+# first_draw … first_draw + num_new − 1 of each of `images` (indices into the batch): every
+# call asks for draws no earlier call has seen.
 Draw = Callable[[np.ndarray, int, int], np.ndarray]
 
 
@@ -71,7 +72,7 @@ class EarlyStopping:
             soon as it is certified at all).
         first_checkpoint: votes per image at the first look.
         growth: ratio of consecutive checkpoints (> 1).
-        final_share: fraction of α spent at the last checkpoint (in (0, 1]; the
+        final_share: fraction of α spent at the last checkpoint (in (0, 1); the
             others split the rest equally).  With a single checkpoint it gets all of α.
         futility_level: confidence level of the optimistic bounds of the futility rule
             (in (0, 1)); larger stops hopeless images sooner, but forgoes more
@@ -92,8 +93,9 @@ class EarlyStopping:
             raise ValueError(f"first_checkpoint must be >= 1, got {self.first_checkpoint}")
         if not self.growth > 1.0:
             raise ValueError(f"growth must be > 1, got {self.growth}")
-        if not 0.0 < self.final_share <= 1.0:
-            raise ValueError(f"final_share must be in (0, 1], got {self.final_share}")
+        if not 0.0 < self.final_share < 1.0:
+            raise ValueError(f"final_share must be in (0, 1): the earlier checkpoints need a "
+                             f"share of α too, got {self.final_share}")
         if not 0.0 < self.futility_level < 1.0:
             raise ValueError(f"futility_level must be in (0, 1), got {self.futility_level}")
 
@@ -148,7 +150,7 @@ def run_sequential(draw: Draw, num_images: int, num_classes: int, max_samples: i
     """The sequential procedure of the module docstring on any source of votes.
 
     Args:
-        draw: ``draw(images, num_new, step)`` returns fresh votes (see `Draw`).
+        draw: ``draw(images, first_draw, num_new)`` returns fresh votes (see `Draw`).
         num_images, num_classes: the batch size and k.
         max_samples: n_J, the most votes any image gets.
         rule: the schedule and stopping rule.
@@ -173,7 +175,7 @@ def run_sequential(draw: Draw, num_images: int, num_classes: int, max_samples: i
     for step, (n, level) in enumerate(zip(checkpoints, levels)):
         if not active.size:
             break
-        counts[active] += draw(active, int(n - drawn), step)
+        counts[active] += draw(active, int(drawn), int(n - drawn))
         drawn = n
         choice = None if selected is None else np.asarray(selected)[active]
         cert = certificate_from_counts(counts[active], level, sigma, names, statistics, choice,
@@ -191,7 +193,8 @@ def run_sequential(draw: Draw, num_images: int, num_classes: int, max_samples: i
 def certify_sequential(smoothed: SmoothedClassifier, x, max_samples: int, rule: EarlyStopping,
                        alpha: float = 0.001, bound: str | Sequence[str] = "renyi",
                        statistics: str = "simultaneous", num_selection_samples: int = 100,
-                       batch_size: int | None = None, seed: int | None = None) -> Certificate:
+                       batch_size: int | None = None, seed: int | Sequence[int] | None = None,
+                       indices=None) -> Certificate:
     """`SmoothedClassifier.certify` with early stopping at ``rule.target_radius``.
 
     Args:
@@ -202,7 +205,10 @@ def certify_sequential(smoothed: SmoothedClassifier, x, max_samples: int, rule: 
         rule: checkpoints, level split and stopping rule.
         alpha, bound, statistics, num_selection_samples, batch_size: as
             `SmoothedClassifier.certify`.
-        seed: optional int for reproducible results.
+        seed, indices: as `SmoothedClassifier.sample_counts`.  One run key serves the
+            whole procedure: checkpoint j adds draws n_{j−1} … n_j − 1 of each image, so
+            its votes are those of a fixed-n run with the same seed truncated to n_j,
+            and no draw is ever counted twice.
 
     Each checkpoint draws votes only for the images still undecided, all of them in the
     same passes (`SmoothedClassifier.sample_counts`), so passes stay full as images drop
@@ -213,17 +219,15 @@ def certify_sequential(smoothed: SmoothedClassifier, x, max_samples: int, rule: 
     x = np.asarray(x, np.float32)
     sigma = smoothed.sigma
 
-    def step_seed(step: int) -> np.ndarray | None:
-        if seed is None:
-            return None
-        return np.random.SeedSequence([seed % 2 ** 64, step]).generate_state(2).astype(np.int64)
+    key, indices = run_key(seed), np.arange(len(x)) if indices is None else np.asarray(indices)
 
-    def draw(images: np.ndarray, num_new: int, step: int) -> np.ndarray:
-        return smoothed.sample_counts(x[images], num_new, batch_size, step_seed(step + 1))
+    def draw(images: np.ndarray, first_draw: int, num_new: int) -> np.ndarray:
+        return smoothed.sample_counts(x[images], num_new, batch_size, key, indices[images],
+                                      first_draw=first_draw)
 
     selected, extra = None, 0
     if statistics == "cohen":
-        selected = smoothed.select(x, num_selection_samples, batch_size, step_seed(0))
+        selected = smoothed.select(x, num_selection_samples, batch_size, key, indices)
         extra = num_selection_samples
     return run_sequential(draw, len(x), smoothed.num_classes, max_samples, rule, alpha, sigma,
                           bound, statistics, selected, extra)

@@ -46,6 +46,12 @@ RADII = {"renyi": bounds.renyi_radius, "cohen": bounds.cohen_radius,
 STATISTICS = ("simultaneous", "cohen")
 COMPUTE_DTYPES = ("float32", "bfloat16", "auto")
 ABSTAIN = -1
+# Noise streams of one run key (`draw_keys`): Cohen's selection draws never coincide with
+# the estimation draws.
+ESTIMATION, SELECTION = 0, 1
+# Noise blocks (`noise_block_size`): draws seeded together, 64 KiB of float32 noise at most.
+NOISE_BLOCK_BYTES = 2 ** 16
+MAX_NOISE_BLOCK = 64
 # Automatic pass size (`pass_memory`, docs/PERFORMANCE.md): on CPU the live activations of
 # a pass fit the last-level cache (the STN MNIST CNN runs 5-10% faster at 128 inputs per
 # pass than at >= 512, whose activations spill out of a 32 MiB L3; the per-pass overhead,
@@ -90,6 +96,59 @@ def bound_names(bound: str | Sequence[str]) -> list[str]:
     if not names or unknown:
         raise ValueError(f"unknown bound(s) {unknown or names}; choose from {sorted(RADII)}")
     return names
+
+
+def noise_block_size(image_shape: Sequence[int]) -> int:
+    """Draws per noise block for images of this shape (a function of the shape only).
+
+    The largest power of two up to ``MAX_NOISE_BLOCK`` whose float32 noise fits in
+    ``NOISE_BLOCK_BYTES``, at least 1: 64 for 8x8 digits, 16 for 28x28 MNIST, 4 for
+    CIFAR-10, 1 for ImageNet.  Larger blocks mean fewer seeded noise calls per pass.
+    """
+    fit = NOISE_BLOCK_BYTES // (4 * int(np.prod([int(d) for d in image_shape])))
+    return int(2 ** int(np.floor(np.log2(min(max(fit, 1), MAX_NOISE_BLOCK)))))
+
+
+def run_key(seed: int | Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+    """The stateless run key (int64 [2]) of a seed: ``[seed, 0]`` for an int, the pair
+    itself for a pair, and a fresh key from OS entropy for ``None``."""
+    if seed is None:
+        return np.random.SeedSequence().generate_state(2, np.uint64).view(np.int64)
+    pair = np.asarray([seed, 0] if np.ndim(seed) == 0 else seed)
+    if pair.shape != (2,) or not np.issubdtype(pair.dtype, np.integer):
+        raise ValueError(f"seed must be an int or a pair of ints, got {seed!r}")
+    return pair.astype(np.int64)
+
+
+def draw_keys(keys, stream: int | tf.Tensor, indices) -> tf.Tensor:
+    """Per-image noise keys ``fold_in(fold_in(key_b, stream), index_b)`` (int64 [batch, 2]).
+
+    Args:
+        keys: run key(s), int [2] (one for the batch) or [batch, 2] (one per image).
+        stream: `ESTIMATION` or `SELECTION`: the draws of different streams never
+            coincide, so Cohen's selection votes are independent of the estimation votes.
+        indices: int [batch], the images' indices in their dataset.
+
+    Core TensorFlow ops only (`tf.random.experimental.stateless_fold_in`): the exported
+    signatures derive their keys with it too.
+    """
+    indices = tf.cast(tf.convert_to_tensor(indices), tf.int64)
+    keys = tf.broadcast_to(tf.cast(tf.convert_to_tensor(keys), tf.int64),
+                           tf.stack([tf.size(indices), 2]))
+    stream = tf.cast(stream, tf.int64)
+    fold_in = tf.random.experimental.stateless_fold_in
+    return tf.map_fn(lambda pair: fold_in(fold_in(pair[0], stream), pair[1]), (keys, indices),
+                     fn_output_signature=tf.TensorSpec([2], tf.int64))
+
+
+def _indices(indices, batch: int) -> np.ndarray:
+    """``indices`` as int64 [batch] (default 0 … batch − 1), checked."""
+    if indices is None:
+        return np.arange(batch, dtype=np.int64)
+    indices = np.asarray(indices)
+    if indices.shape != (batch,) or not np.issubdtype(indices.dtype, np.integer):
+        raise ValueError(f"indices must be {batch} ints (one per image), got shape {indices.shape}")
+    return indices.astype(np.int64)
 
 
 def certificate_from_counts(counts: np.ndarray, alpha: float, sigma: float,
@@ -203,71 +262,96 @@ class SmoothedClassifier:
             self._pass_sizes[shape] = int(np.clip(pass_memory() // per_input, 1, MAX_PASS_SIZE))
         return self._pass_sizes[shape]
 
-    def count_votes(self, x: tf.Tensor, num_samples: tf.Tensor, pass_size: tf.Tensor,
-                    seed: tf.Tensor) -> tf.Tensor:
-        """Votes [batch, k] (int64) of ``num_samples`` noisy draws per image (graph-safe).
+    def count_votes(self, x: tf.Tensor, keys: tf.Tensor, num_samples: tf.Tensor,
+                    pass_size: tf.Tensor, first_draw: tf.Tensor | int = 0) -> tf.Tensor:
+        """Votes [batch, k] (int64) of draws ``first_draw … first_draw + num_samples − 1``.
 
-        The ``batch · num_samples`` (image, draw) pairs, image-major, are cut into passes
-        of exactly ``pass_size`` noisy inputs (the last one shorter), so every pass is
-        full whatever the batch and memory stays bounded.  Pass ``i`` draws its noise
-        with the stateless seed ``seed + [0, i]``: a fixed ``seed`` gives reproducible
-        votes.  The votes are added with a scatter (no [inputs, k] one-hot tensor).
-        Core TensorFlow ops only: the exported serving signature runs this loop.
+        Image ``b``'s draws come in blocks of `noise_block_size` draws; block ``j`` is
+        ``noise(B copies of x_b, seed=fold_in(keys[b], j))`` (`draw_keys` makes the
+        keys), so the noise of a draw is a function of the image's key and the draw's
+        number only: never of the other images, the pass size or where a call starts.
+        A pass classifies the used draws of up to ``pass_size // B`` blocks (at least
+        one), so memory stays bounded for any batch and ``num_samples``; votes are added
+        with a scatter (no [inputs, k] one-hot tensor).  Core TensorFlow ops only: the
+        exported serving signatures run this loop.
         """
         x = tf.convert_to_tensor(x, tf.float32)
+        image_shape = x.shape[1:]
+        if not image_shape.is_fully_defined():
+            raise ValueError(f"count_votes needs a static image shape, got {x.shape}")
+        block = noise_block_size(image_shape)
         batch = tf.shape(x, out_type=tf.int64)[0]
-        num_samples = tf.cast(num_samples, tf.int64)
-        size = tf.maximum(tf.cast(pass_size, tf.int64), 1)
-        total = batch * num_samples
-        seed = tf.cast(seed, tf.int64)
+        keys = tf.cast(keys, tf.int64)
+        first = tf.cast(first_draw, tf.int64)
+        end = first + tf.cast(num_samples, tf.int64)
+        first_block = first // block
+        blocks = (end - 1) // block - first_block + 1  # blocks touched per image
+        total = batch * blocks
+        per_pass = tf.maximum(tf.cast(pass_size, tf.int64) // block, 1)
 
-        def one_pass(i, counts):
-            pairs = tf.range(i * size, tf.minimum(total, (i + 1) * size))
-            image = pairs // num_samples
-            pass_seed = seed + tf.stack([tf.constant(0, tf.int64), i])
-            noisy = self.noise(tf.gather(x, image), seed=pass_seed)
-            logits = self.inference_model(noisy, training=False)
+        def noisy_block(unit):
+            image, number = unit // blocks, first_block + unit % blocks
+            copies = tf.repeat(tf.gather(x, image)[None], block, axis=0)
+            seed = tf.random.experimental.stateless_fold_in(tf.gather(keys, image), number)
+            return self.noise(copies, seed=seed)
+
+        def one_pass(start, counts):
+            units = tf.range(start, tf.minimum(total, start + per_pass))
+            noisy = tf.map_fn(noisy_block, units,
+                              fn_output_signature=tf.TensorSpec([block, *image_shape], tf.float32))
+            draws = (first_block + units % blocks)[:, None] * block + tf.range(block, dtype=tf.int64)
+            used = (draws >= first) & (draws < end)
+            images = tf.boolean_mask(tf.broadcast_to((units // blocks)[:, None], tf.shape(used)),
+                                     used)
+            logits = self.inference_model(tf.boolean_mask(noisy, used), training=False)
             labels = tf.argmax(logits, axis=-1, output_type=tf.int64)
-            counts = tf.tensor_scatter_nd_add(counts, tf.stack([image, labels], axis=1),
+            counts = tf.tensor_scatter_nd_add(counts, tf.stack([images, labels], axis=1),
                                               tf.ones_like(labels))
-            return i + 1, counts
+            return start + per_pass, counts
 
         _, counts = tf.while_loop(
-            lambda i, counts: i * size < total, one_pass,
+            lambda start, counts: start < total, one_pass,
             (tf.constant(0, tf.int64), tf.zeros(tf.stack([batch, self.num_classes]), tf.int64)),
             shape_invariants=(tf.TensorShape([]), tf.TensorShape([None, self.num_classes])),
             parallel_iterations=1)  # one pass in flight: memory is one pass, for any n
         return counts
 
     def sample_counts(self, x, num_samples: int, batch_size: int | None = None,
-                      seed: int | Sequence[int] | None = None) -> np.ndarray:
+                      seed: int | Sequence[int] | None = None, indices=None,
+                      first_draw: int = 0, stream: int = ESTIMATION) -> np.ndarray:
         """Votes of ``num_samples`` noisy draws per image: int64 numpy [batch, k].
 
         Args:
             x: images [batch, H, W, C] in [0, 1].
             num_samples: draws per image.
             batch_size: noisy inputs per forward pass (default: the classifier's).
-            seed: optional int, or pair of ints (a stateless seed), for reproducible
-                votes; otherwise fresh noise per call.
+            seed: int, or pair of ints, for reproducible votes; ``None``: a fresh random
+                run key from OS entropy (unseeded calls never share noise).
+            indices: int [batch], each image's index in its dataset (default
+                0 … batch − 1).  With a fixed ``seed`` an image's votes depend only on
+                (seed, index, draws), never on the rest of the batch: runs can be split
+                into shards, resumed or re-batched with identical counts.
+            first_draw: number of the first draw (draws ``first_draw …`` continue an
+                earlier call with the same seed, as early stopping does).
+            stream: `ESTIMATION` or `SELECTION` (Cohen's independent selection draws).
         """
         x = _check_images(x)
         if int(num_samples) < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if int(first_draw) < 0:
+            raise ValueError(f"first_draw must be >= 0, got {first_draw}")
         size = int(batch_size) if batch_size else self.pass_size(x.shape[1:])
-        if seed is None:
-            seed_tensor = self.noise.next_seed()
-        else:
-            pair = [seed, 0] if np.ndim(seed) == 0 else seed
-            seed_tensor = tf.constant(np.asarray(pair, np.int64))
-        counts = self._count_fn(tf.constant(x), tf.constant(int(num_samples), tf.int64),
-                                tf.constant(size, tf.int64), seed_tensor)
+        keys = draw_keys(run_key(seed), stream, _indices(indices, len(x)))
+        counts = self._count_fn(tf.constant(x), keys, tf.constant(int(num_samples), tf.int64),
+                                tf.constant(size, tf.int64),
+                                tf.constant(int(first_draw), tf.int64))
         return counts.numpy()
 
     # ------------------------------------------------------------ certificates
     def certify(self, x, num_samples: int, alpha: float = 0.001,
                 bound: str | Sequence[str] = "renyi", statistics: str = "simultaneous",
                 num_selection_samples: int = 100, batch_size: int | None = None,
-                seed: int | None = None) -> Certificate:
+                seed: int | Sequence[int] | None = None, indices=None) -> Certificate:
         """Certified prediction and ℓ2 radius per image (STN Algorithm 1 + Theorem 2).
 
         Args:
@@ -279,7 +363,8 @@ class SmoothedClassifier:
             statistics: ``"simultaneous"`` (STN) or ``"cohen"`` (selection + estimation).
             num_selection_samples: n0 of Cohen's statistics (ignored otherwise).
             batch_size: noisy inputs per forward pass.
-            seed: optional int for reproducible results.
+            seed, indices: as `sample_counts`; the selection draws are the `SELECTION`
+                stream of the same run key, independent of the estimation draws.
 
         For early stopping at a target radius see `tfcert.sequential.certify_sequential`.
         """
@@ -289,21 +374,25 @@ class SmoothedClassifier:
         if not 0.0 < alpha < 1.0:
             raise ValueError(f"alpha must be in (0, 1), got {alpha}")
         sigma = self.sigma
-        counts = self.sample_counts(x, num_samples, batch_size, seed)
+        key = run_key(seed)  # one run key: the two streams below never share a draw
+        counts = self.sample_counts(x, num_samples, batch_size, key, indices)
         selected, used = None, num_samples
         if statistics == "cohen":
-            selection_seed = None if seed is None else seed + 1
-            selected = self.select(x, num_selection_samples, batch_size, selection_seed)
+            selected = self.select(x, num_selection_samples, batch_size, key, indices)
             used = num_samples + num_selection_samples
         return certificate_from_counts(counts, alpha, sigma, bound, statistics, selected, used)
 
     def select(self, x, num_selection_samples: int, batch_size: int | None = None,
-               seed: int | Sequence[int] | None = None) -> np.ndarray:
-        """Class with the most of ``num_selection_samples`` votes (Cohen's selection step)."""
-        return np.argmax(self.sample_counts(x, num_selection_samples, batch_size, seed), axis=1)
+               seed: int | Sequence[int] | None = None, indices=None) -> np.ndarray:
+        """Class with the most of ``num_selection_samples`` votes of the `SELECTION` stream
+        (Cohen's selection step)."""
+        counts = self.sample_counts(x, num_selection_samples, batch_size, seed, indices,
+                                    stream=SELECTION)
+        return np.argmax(counts, axis=1)
 
     def predict(self, x, num_samples: int, alpha: float = 0.001,
-                batch_size: int | None = None, seed: int | None = None) -> np.ndarray:
+                batch_size: int | None = None, seed: int | Sequence[int] | None = None,
+                indices=None) -> np.ndarray:
         """Smoothed prediction with abstention (Cohen et al.'s PREDICT).
 
         Returns the top class where a two-sided binomial test of its count against
@@ -312,7 +401,7 @@ class SmoothedClassifier:
         """
         if not 0.0 < alpha < 1.0:
             raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-        counts = self.sample_counts(x, num_samples, batch_size, seed)
+        counts = self.sample_counts(x, num_samples, batch_size, seed, indices)
         top2 = np.sort(counts, axis=1)[:, ::-1][:, :2]
         pvalue = np.asarray(stats.binomial_test_pvalue(top2[:, 0], top2[:, 0] + top2[:, 1]))
         return np.where(pvalue <= alpha, np.argmax(counts, axis=1), ABSTAIN).astype(np.int64)

@@ -1,0 +1,406 @@
+"""Certification runs over a dataset: resumable, shardable, mergeable (the engine of certify.py).
+
+A run certifies the examples that the data options select (SPEC §7) and streams one row
+per example to ``<output_dir>/certify.tsv``; at the end it writes the certified-accuracy
+table (``summary.txt``, ``certified_accuracy.tsv``) and plot (``certified_accuracy.png``).
+What makes a finished run trustworthy:
+
+- **Identity.** ``config.json`` records every option.  All of them except `OPERATIONAL`
+  ones (scheduling, output and display options, which never change a row) are the run's
+  identity; a rerun into the same directory with another identity is refused before
+  anything is written (growing or shrinking ``num_examples`` only changes which rows
+  are wanted).
+- **Per-example noise.** The noise of an example is keyed by (seed, its index in the
+  split, draw number) (`tfcert.smoothing.draw_keys`), so its row does not depend on the
+  batch, the pass size, a resume point or a shard.
+- **Shards.** ``num_shards = N, shard_index = j`` certifies the selected positions
+  i ≡ j (mod N); `merge_runs` joins the shard directories into one run whose rows are
+  those of a single run.
+- **Kill safety.** Rows are appended and synced a step at a time, the TSV header and
+  the config are written atomically, a torn last line is dropped with a warning and
+  recomputed, stale summaries are removed before new work, and a lock keeps two
+  processes out of one run directory.
+
+Options are attributes of ``options`` (``absl.flags.FLAGS`` in certify.py, or any
+namespace with the same names).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from tfcert import cli, results
+
+TSV, SELECTION_FILE = "certify.tsv", "selection.json"
+SUMMARY_FILES = ("summary.txt", "certified_accuracy.tsv", "certified_accuracy.png")
+# Options that never change a row: where and how fast a run goes, and how it is shown.
+# Every other option (including any added later) is part of the run's identity; the model
+# is identified by its SHA-256 (``model_sha256``), not by its path.
+OPERATIONAL = frozenset({
+    "output_dir", "model", "num_examples", "images_per_step", "batch_size", "num_shards",
+    "shard_index", "download", "stn_factor", "max_radius", "grid_points", "analyze", "merge"})
+
+
+def certify_dataset(options, config: dict[str, Any], defaults: dict[str, Any]) -> None:
+    """Certifies the selected examples not yet in the run's TSV, a step at a time.
+
+    Args:
+        options: the run's options (attributes).
+        config: every option by name (written to ``config.json``).
+        defaults: option defaults (for settings an older ``config.json`` lacks).
+    """
+    certifier = make_certifier(options)
+    indices, images, labels, meta = cli.select_examples(options)
+    model = cli.load_model(options.model)
+    cli.check_model_fits(model, meta, options.model, options.dataset)
+    config = {**config, "model_sha256": cli.file_sha256(options.model)}
+    results.prepare_run_dir(options.output_dir, config, OPERATIONAL, defaults)
+    lock = results.lock_run_dir(options.output_dir)
+    table = results.ResultTable(os.path.join(options.output_dir, TSV),
+                                ["index", "label", *certifier.columns, "seconds"], "index")
+    results.write_atomic(os.path.join(options.output_dir, SELECTION_FILE),
+                         json.dumps({"indices": [int(i) for i in indices]}) + "\n")
+    todo = [i for i, index in enumerate(indices) if str(index) not in table.done]
+    if todo:
+        remove_summaries(options.output_dir)
+        certifier.setup(model, meta.num_classes)
+    progress = cli.Progress(len(indices), "certified", len(indices) - len(todo))
+    for start in range(0, len(todo), options.images_per_step):
+        step = todo[start:start + options.images_per_step]
+        began = time.time()
+        rows = certifier.certify(images[step], labels[step], indices[step])
+        seconds = (time.time() - began) / len(step)
+        table.append({"index": indices[i], "label": labels[i], **row, "seconds": seconds}
+                     for i, row in zip(step, rows))
+        progress.update(progress.done + len(step))
+    wanted = {str(i) for i in indices}
+    certifier.summarize([r for r in table.rows if r["index"] in wanted], options.output_dir)
+    lock.close()
+
+
+def merge_runs(run_dirs: Sequence[str], output_dir: str, options_override=None) -> None:
+    """Joins the shard runs ``run_dirs`` into one run in ``output_dir``.
+
+    Checks that the shards' configurations agree except for the shard index, that
+    their shard indices are 0 … N − 1 once each, and that every shard has all the rows
+    of its selection; then writes ``certify.tsv`` sorted by index (the rows of a single
+    run), its ``config.json`` and the summary, table and plot.
+    """
+    require = cli.require
+    require(len(run_dirs) >= 1, "--merge needs the shard run directories, e.g. --merge=D1,D2")
+    configs = []
+    for run_dir in run_dirs:
+        path = os.path.join(run_dir, "config.json")
+        require(os.path.exists(path), f"{run_dir} is not a certify.py run (no config.json)")
+        configs.append(results.read_config(path))
+    first = configs[0]
+    for run_dir, config in zip(run_dirs[1:], configs[1:]):
+        changed = [k for k in sorted(set(first) | set(config))
+                   if k not in OPERATIONAL - {"num_shards"} and first.get(k) != config.get(k)]
+        require(not changed, f"{run_dir} is not a shard of the run in {run_dirs[0]}: "
+                + ", ".join(f"--{k} ({first.get(k)} -> {config.get(k)})" for k in changed))
+    shards = sorted(c.get("shard_index", 0) for c in configs)
+    total = first.get("num_shards", 1)
+    require(shards == list(range(total)),
+            f"--merge needs each of the {total} shards once, got shard indices {shards}")
+    rows, columns = {}, None
+    for run_dir in run_dirs:
+        table_path = os.path.join(run_dir, TSV)
+        selection_path = os.path.join(run_dir, SELECTION_FILE)
+        require(os.path.exists(table_path) and os.path.exists(selection_path),
+                f"{run_dir} has not started: run its certify.py command first")
+        with open(selection_path) as f:
+            selection = [str(i) for i in json.load(f)["indices"]]
+        shard_rows = {r["index"]: r for r in results.read_tsv(table_path)}
+        missing = [i for i in selection if i not in shard_rows]
+        require(not missing, f"{run_dir} lacks rows for {len(missing)} of its examples "
+                f"(first: index {missing[0] if missing else ''}): rerun its command to finish it")
+        repeated = sorted(set(selection) & set(rows), key=int)
+        require(not repeated, f"index {repeated[0] if repeated else ''} is in two shards")
+        rows.update({i: shard_rows[i] for i in selection})
+        columns = columns or list(next(iter(shard_rows.values())))
+    merged = {**first, "num_shards": 1, "shard_index": 0, "merge": list(run_dirs),
+              "output_dir": output_dir}
+    if os.path.exists(os.path.join(output_dir, TSV)):
+        os.remove(os.path.join(output_dir, TSV))  # a merge is rewritten whole
+    results.prepare_run_dir(output_dir, merged, OPERATIONAL)
+    lock = results.lock_run_dir(output_dir)
+    ordered = [rows[i] for i in sorted(rows, key=int)]
+    text = "\t".join(columns) + "\n" + "".join("\t".join(r[c] for c in columns) + "\n"
+                                               for r in ordered)
+    results.write_atomic(os.path.join(output_dir, TSV), text)
+    results.write_atomic(os.path.join(output_dir, SELECTION_FILE),
+                         json.dumps({"indices": [int(r["index"]) for r in ordered]}) + "\n")
+    options = argparse.Namespace(**{**merged, **(options_override or {})})
+    make_certifier(options).summarize(ordered, output_dir)
+    lock.close()
+
+
+def make_certifier(options):
+    """The certifier of ``options.defense``: ℓ2 radii for gaussian, KL otherwise."""
+    return L2Certifier(options) if options.defense == "gaussian" else KLCertifier(options)
+
+
+def remove_summaries(output_dir: str) -> None:
+    """Deletes the summary files of an earlier completion (they would look current)."""
+    for name in SUMMARY_FILES:
+        path = os.path.join(output_dir, name)
+        if os.path.exists(path):
+            os.remove(path)
+
+
+class L2Certifier:
+    """ℓ2 certificates of the Gaussian-smoothed classifier (STN Thm. 2, Cohen, PixelDP)."""
+
+    def __init__(self, options):
+        self.o = options
+
+    @property
+    def columns(self) -> list[str]:
+        early = ["samples"] if self.o.target_radius is not None else []
+        return ["prediction", "correct", *[f"radius_{b}" for b in self.o.bounds],
+                "p1_lower", "p2_upper", "counts", *early]
+
+    def setup(self, model, num_classes: int) -> None:
+        from tfcert.layers import GaussianNoise
+        from tfcert.smoothing import SmoothedClassifier
+
+        self.smoothed = SmoothedClassifier(model, num_classes, GaussianNoise(self.o.sigma),
+                                           batch_size=self.o.batch_size,
+                                           compute_dtype=self.o.compute_dtype)
+
+    def certify(self, images, labels, indices) -> list[dict]:
+        o = self.o
+        options = dict(alpha=o.alpha, bound=o.bounds, statistics=o.statistics,
+                       num_selection_samples=o.num_selection_samples, seed=o.seed,
+                       indices=indices)
+        if o.target_radius is None:
+            cert = self.smoothed.certify(images, o.num_samples, **options)
+        else:
+            from tfcert.sequential import EarlyStopping, certify_sequential
+
+            rule = EarlyStopping(o.target_radius, o.first_checkpoint, o.checkpoint_growth)
+            cert = certify_sequential(self.smoothed, images, o.num_samples, rule, **options)
+        early = o.target_radius is not None
+        return [{"prediction": cert.prediction[j], "correct": int(cert.prediction[j] == label),
+                 **{f"radius_{b}": float(cert.radii[b][j]) for b in o.bounds},
+                 "p1_lower": float(cert.p1_lower[j]), "p2_upper": float(cert.p2_upper[j]),
+                 "counts": cert.counts[j].tolist(),
+                 **({"samples": int(cert.num_samples[j])} if early else {})}
+                for j, label in enumerate(labels)]
+
+    def summarize(self, rows, output_dir: str) -> None:
+        o = self.o
+        summarize_l2(rows, o, output_dir)
+        if o.target_radius is not None:
+            spent = sum(int(r["samples"]) for r in rows)
+            print(f"early stopping at r = {o.target_radius}: {spent / max(len(rows), 1):.0f} "
+                  f"samples per example on average (at most {o.num_samples}); radii above "
+                  "the target are not pursued")
+
+
+def eps_grid(options) -> list[float]:
+    """``options.eps`` as floats, checked to be ℓ∞ budgets in (0, 1]."""
+    try:
+        grid = [float(e) for e in options.eps or []]
+    except ValueError:
+        grid = []
+    cli.require(bool(grid) and all(0 < e <= 1 for e in grid),
+                f"--eps must be a comma list of ℓ∞ budgets in (0, 1], got {options.eps}")
+    return grid
+
+
+class KLCertifier:
+    """ℓ∞ KL certificates of randomized discretization (Zhang & Liang Props. 1–2, SPEC §4.6).
+
+    Per example and ε: the votes of f(RandDisc(x)) give a sound lower bound on the
+    margin; U_KL is Prop. 1's bound (its expectation over the centers is Monte Carlo, as
+    in the paper; we use the estimate + 3 standard errors).  The down-sampled defense
+    uses the Table 1 pooling of each ε, so each ε has its own votes.
+    """
+
+    def __init__(self, options):
+        self.o = options
+        self.eps = eps_grid(options)
+
+    @property
+    def columns(self) -> list[str]:
+        per_eps = [f"{name}_{e:g}" for e in self.eps for name in ("certified", "u_kl", "margin")]
+        return ["prediction", "correct", *per_eps, "counts"]
+
+    def setup(self, model, num_classes: int) -> None:
+        from tfcert.layers import RandomizedDiscretization, downsampling_for_epsilon
+        from tfcert.smoothing import SmoothedClassifier
+
+        o = self.o
+        fixed = None
+        if o.fixed_centers:
+            fixed = [[float(v)] for v in o.fixed_centers]
+            cli.require(len(fixed) == o.num_clusters,
+                        "--fixed_centers needs one value per cluster (--num_clusters)")
+        pools = ([downsampling_for_epsilon(e) for e in self.eps]
+                 if o.defense == "randdisc_downsampled" else [(1, 1)] * len(self.eps))
+        self.defenses = {}  # (pool, stride) -> smoothed classifier with that RandDisc layer
+        for pool in dict.fromkeys(pools):
+            layer = RandomizedDiscretization(
+                o.num_clusters, o.sigma, o.center_stddev or o.sigma,
+                num_candidates=o.num_candidates, fixed_centers=fixed,
+                pool_size=pool[0], pool_strides=pool[1])
+            self.defenses[pool] = SmoothedClassifier(model, num_classes, layer,
+                                                     batch_size=o.batch_size,
+                                                     compute_dtype=o.compute_dtype)
+        self.pools = pools
+
+    def certify(self, images, labels, indices) -> list[dict]:
+        from tfcert import kl
+
+        o = self.o
+        rows = [{} for _ in labels]
+        for pool, smoothed in self.defenses.items():
+            counts = smoothed.sample_counts(images, o.num_samples, seed=o.seed, indices=indices)
+            eps = [e for e, p in zip(self.eps, self.pools) if p == pool]
+            u_kl = kl.layer_kl_bound(smoothed.noise, images, eps,
+                                     num_center_samples=o.num_center_samples,
+                                     seed=o.seed).upper(3.0)
+            cert = kl.kl_certify(counts, labels, u_kl, o.alpha)
+            certified = np.asarray(cert.certified)
+            margin = np.broadcast_to(np.asarray(cert.margin_lower), certified.shape)
+            for j, row in enumerate(rows):
+                if pool == self.pools[0]:
+                    prediction = int(np.argmax(counts[j]))
+                    row.update(prediction=prediction, correct=int(prediction == labels[j]),
+                               counts=counts[j].tolist())
+                for e_i, e in enumerate(eps):
+                    row.update({f"certified_{e:g}": int(certified[e_i, j]),
+                                f"u_kl_{e:g}": float(np.asarray(u_kl)[e_i, j]),
+                                f"margin_{e:g}": float(margin[e_i, j])})
+        return rows
+
+    def summarize(self, rows, output_dir: str) -> None:
+        from tfcert.analysis import format_table
+
+        o = self.o
+        accuracy = np.array([np.mean([r[f"certified_{e:g}"] == "1" for r in rows])
+                             for e in self.eps])
+        clean = np.mean([r["correct"] == "1" for r in rows])
+        centers = "fixed centers" if o.fixed_centers else "image-dependent centers"
+        header = (f"{len(rows)} examples, {o.defense} (k = {o.num_clusters}, σ = "
+                  f"{o.sigma}, τ = {o.center_stddev or o.sigma}, {centers}), "
+                  f"n = {o.num_samples}, α = {o.alpha}; majority-vote accuracy "
+                  f"{100 * clean:.1f}%")
+        text = format_table(self.eps, {"certified": accuracy}, header="ℓ∞ ε")
+        print(f"{header}\nKL-certified accuracy (Zhang & Liang Prop. 2):\n{text}")
+        results.write_atomic(os.path.join(output_dir, "summary.txt"), f"{header}\n{text}\n")
+        plot_atomic(self.eps, {o.defense: accuracy},
+                    os.path.join(output_dir, "certified_accuracy.png"), xlabel="ℓ∞ ε",
+                    title=header.split(";")[0])
+        print(f"wrote {output_dir}/certify.tsv, summary.txt, certified_accuracy.png")
+
+
+def plot_atomic(grid, curves, path: str, **kwargs) -> None:
+    """`tfcert.analysis.plot_curves` to ``path``, replaced whole (never half written)."""
+    from tfcert.analysis import plot_curves
+
+    partial = path[:-len(".png")] + ".partial.png"
+    plot_curves(grid, curves, partial, **kwargs)
+    os.replace(partial, path)
+
+
+def radius_grid(max_radius: float, points: int) -> np.ndarray:
+    return np.linspace(0.0, max_radius, points)
+
+
+def curves_of(rows, bounds: Iterable[str], grid, factor: float) -> dict:
+    """Certified accuracy at each radius of ``grid``, one curve per bound."""
+    from tfcert.analysis import certified_accuracy
+
+    correct = np.array([r["correct"] == "1" for r in rows])
+    return {b: certified_accuracy(np.array([float(r[f"radius_{b}"]) for r in rows]), correct,
+                                  grid, factor) for b in bounds}
+
+
+def summarize_l2(rows, o, output_dir: str) -> None:
+    """Prints and writes the certified-accuracy table, its TSV and plot."""
+    from tfcert.analysis import format_table
+
+    factor = (1.0 - o.alpha) if o.stn_factor else 1.0
+    max_radius = o.max_radius or 4.0 * o.sigma
+    table_grid = radius_grid(max_radius, o.grid_points)
+    curves = curves_of(rows, o.bounds, table_grid, factor)
+    text = format_table(table_grid, curves)
+    abstain = np.mean([r["prediction"] == "-1" for r in rows])
+    header = (f"{len(rows)} examples, σ = {o.sigma}, n = {o.num_samples}, α = {o.alpha}, "
+              f"statistics = {o.statistics}, abstained {100 * abstain:.1f}%"
+              + (", accuracy × (1 − α) (STN convention)" if factor != 1.0 else ""))
+    print(f"{header}\ncertified accuracy (% of examples correct with radius ≥ r):\n{text}")
+    results.write_atomic(os.path.join(output_dir, "summary.txt"), f"{header}\n{text}\n")
+    lines = ["radius\t" + "\t".join(o.bounds) + "\n"] + [
+        f"{r:.6g}\t" + "\t".join(f"{curves[b][i]:.6g}" for b in o.bounds) + "\n"
+        for i, r in enumerate(table_grid)]
+    results.write_atomic(os.path.join(output_dir, "certified_accuracy.tsv"), "".join(lines))
+    plot_grid = radius_grid(max_radius, 200)
+    plot_atomic(plot_grid, curves_of(rows, o.bounds, plot_grid, factor),
+                os.path.join(output_dir, "certified_accuracy.png"),
+                title=f"σ = {o.sigma}, n = {o.num_samples}, α = {o.alpha}")
+    print(f"wrote {output_dir}/certify.tsv, certified_accuracy.tsv, certified_accuracy.png")
+
+
+def analyze(paths: Sequence[str], o) -> None:
+    """Draws the certified-accuracy curves of several finished runs on one figure:
+    against the ℓ2 radius for Gaussian runs, against ℓ∞ ε for KL (RandDisc) runs."""
+    runs = []
+    for path in paths:
+        rows = results.read_tsv(path)
+        cli.require(bool(rows), f"{path} has no rows yet")
+        config_path = os.path.join(os.path.dirname(path), "config.json")
+        config = results.read_config(config_path) if os.path.exists(config_path) else {}
+        label = os.path.basename(os.path.dirname(os.path.abspath(path)))
+        if "sigma" in config:
+            label += f" σ={config['sigma']}"
+        runs.append((label, rows))
+    kinds = {any(c.startswith("certified_") for c in rows[0]) for _, rows in runs}
+    cli.require(len(kinds) == 1, "--analyze needs runs of one kind: all ℓ2 (gaussian) or all "
+                "KL (randdisc)")
+    os.makedirs(o.output_dir, exist_ok=True)
+    (_analyze_kl if kinds.pop() else _analyze_l2)(runs, o)
+
+
+def _analyze_l2(runs, o) -> None:
+    from tfcert.analysis import format_table
+
+    bounds = {label: [c[len("radius_"):] for c in rows[0] if c.startswith("radius_")]
+              for label, rows in runs}
+    radii = [float(r[f"radius_{b}"]) for label, rows in runs for r in rows for b in bounds[label]]
+    max_radius = o.max_radius or max(max(radii), 1e-3)
+    factor = (1.0 - o.alpha) if o.stn_factor else 1.0
+
+    def all_curves(grid):
+        return {f"{label} {b}": c for label, rows in runs
+                for b, c in curves_of(rows, bounds[label], grid, factor).items()}
+
+    table_grid = radius_grid(max_radius, o.grid_points)
+    print(format_table(table_grid, all_curves(table_grid)))
+    path = os.path.join(o.output_dir, "certified_accuracy_compare.png")
+    plot_grid = radius_grid(max_radius, 200)
+    plot_atomic(plot_grid, all_curves(plot_grid), path)
+    print(f"wrote {path}")
+
+
+def _analyze_kl(runs, o) -> None:
+    from tfcert.analysis import format_table
+
+    grids = [sorted(float(c[len("certified_"):]) for c in rows[0] if c.startswith("certified_"))
+             for _, rows in runs]
+    cli.require(all(g == grids[0] for g in grids), f"the runs have different --eps grids {grids}")
+    curves = {label: np.array([np.mean([r[f"certified_{e:g}"] == "1" for r in rows])
+                               for e in grids[0]]) for label, rows in runs}
+    print(format_table(grids[0], curves, header="ℓ∞ ε"))
+    path = os.path.join(o.output_dir, "certified_accuracy_compare.png")
+    plot_atomic(grids[0], curves, path, xlabel="ℓ∞ ε")
+    print(f"wrote {path}")
