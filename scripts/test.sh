@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Installs tfcert with its test dependencies and runs the whole test suite (slow tests included).
+# Installs tfcert with its test dependencies into .venv/ (once) and runs the whole test
+# suite (slow tests included).  Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore -e ".[dev]"
-exec python3 -m pytest "$@"
+source scripts/venv.sh
+PY="$(venv_python dev)"
+exec "$PY" -m pytest "$@"

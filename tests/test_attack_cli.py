@@ -1,4 +1,4 @@
-"""python -m tfcert.attack end to end: streamed TSV, resume and extension, tables, errors."""
+"""tfcert-attack (python -m tfcert.scripts.attack) end to end: streamed TSV, resume and extension, tables, errors."""
 
 import subprocess
 import sys
@@ -11,7 +11,7 @@ from tfcert import results
 
 
 def attack(*args):
-    return subprocess.run([sys.executable, "-m", "tfcert.attack", *args], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "tfcert.scripts.attack", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
 
 
@@ -102,7 +102,8 @@ def test_data_flags_are_part_of_the_run(digits_model, tmp_path, changed, shown):
     """Issue: the shared data flags were not recorded, so other examples mixed into a run."""
     common = [f"--model={digits_model}", "--dataset=digits", "--attack=pgd_linf", "--eps=0.05",
               "--num_examples=3", "--steps=2", f"--output_dir={tmp_path / 'run'}"]
-    assert attack(*common).returncode == 0
+    first = attack(*common)
+    assert first.returncode == 0, first.stderr
     before = (tmp_path / "run" / "attack.tsv").read_bytes()
     error = one_line_error(attack(*common, changed))
     assert f"differ from the run in {tmp_path / 'run'}: {shown}" in error

@@ -9,13 +9,24 @@ that says what to do and exits with status 1; absl reports flag syntax errors it
 from __future__ import annotations
 
 import os
+import re
 import sys
-import time
+import tempfile
 from typing import Callable
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app  # noqa: E402
+
+# TensorFlow's C++ start-up lines on a machine without a GPU (or without the CPU features
+# its binary could use): printed before absl logging is set up, so TF_CPP_MIN_LOG_LEVEL
+# cannot silence them.  `import_tensorflow_quietly` drops exactly these.
+STARTUP_NOISE = re.compile(
+    "|".join(["All log messages before absl::InitializeLog", "oneDNN custom operations are on",
+              "Could not find cuda drivers", "failed call to cuInit", "TF-TRT Warning",
+              r"Unable to register cu(DNN|FFT|BLAS) factory", "computation placer already",
+              "This TensorFlow binary is optimized", "rebuild TensorFlow with the appropriate",
+              "cuda_dnn|cuda_fft|cuda_blas", "Attempting to register factory"]))
 
 
 class CliError(Exception):
@@ -35,6 +46,7 @@ def run(main: Callable[[list[str]], None]) -> None:
     def guarded(argv):
         from absl import logging
 
+        import_tensorflow_quietly()
         logging.set_verbosity(logging.ERROR)  # tfds/keras chatter; tfcert prints what matters
         try:
             main(argv)
@@ -44,6 +56,25 @@ def run(main: Callable[[list[str]], None]) -> None:
             sys.exit(1)
 
     app.run(guarded)
+
+
+def import_tensorflow_quietly() -> None:
+    """Imports TensorFlow and finds its devices with `STARTUP_NOISE` filtered from stderr
+    (every other line it prints then is passed on)."""
+    sys.stderr.flush()
+    saved, captured = os.dup(2), tempfile.TemporaryFile()
+    os.dup2(captured.fileno(), 2)
+    try:
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        captured.seek(0)
+        for line in captured.read().decode(errors="replace").splitlines():
+            if not STARTUP_NOISE.search(line):
+                print(line, file=sys.stderr)
 
 
 def define_data_flags(verb: str) -> None:
@@ -172,23 +203,20 @@ def file_sha256(path: str) -> str:
 
 
 class Progress:
-    """Prints ``done/total``, rate and ETA to stderr: one rewritten line on a terminal
-    (at most every second), else a line every 10 seconds (logs)."""
+    """A tqdm progress bar with rate and ETA on stderr: redrawn on a terminal, a line every
+    30 seconds in logs."""
 
     def __init__(self, total: int, label: str, done: int = 0):
-        self.total, self.label, self.start_done = total, label, done
-        self.done, self.start, self.last = done, time.time(), 0.0
-        self.interactive = sys.stderr.isatty()
+        from tqdm import tqdm
+
+        interactive = sys.stderr.isatty()
+        self.done = done
+        self.bar = tqdm(total=total, initial=done, desc=label, file=sys.stderr,
+                        mininterval=0.5 if interactive else 30.0, dynamic_ncols=interactive,
+                        ascii=not interactive)
 
     def update(self, done: int) -> None:
+        self.bar.update(done - self.done)
         self.done = done
-        now = time.time()
-        if now - self.last < (1.0 if self.interactive else 10.0) and done < self.total:
-            return
-        self.last = now
-        rate = (done - self.start_done) / max(now - self.start, 1e-9)
-        eta = (self.total - done) / rate if rate > 0 else float("inf")
-        eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta != float("inf") else "?"
-        end = "\n" if done >= self.total or not self.interactive else ""
-        print(f"\r{self.label}: {done}/{self.total} ({rate:.2f}/s, ETA {eta_text})",
-              end=end, file=sys.stderr, flush=True)
+        if done >= self.bar.total:
+            self.bar.close()
