@@ -250,15 +250,15 @@ def analyze(o, paths: list[str]) -> None:
     """Robust-accuracy curves of several finished runs on one figure (and one table)."""
     import numpy as np
 
+    from tfcert import results
     from tfcert.analysis import format_table, plot_curves
-    from tfcert.results import read_tsv
 
     curves = {}
     for path in paths:
-        rows = read_tsv(path)
+        rows = results.read_tsv(path)
         cli.require(bool(rows), f"{path} has no rows yet")
         config_path = os.path.join(os.path.dirname(path), "config.json")
-        config = json.load(open(config_path)) if os.path.exists(config_path) else {}
+        config = results.read_config(config_path) if os.path.exists(config_path) else {}
         label = (f"{config['defense']}/{config['attack']}" if "defense" in config
                  else os.path.basename(os.path.dirname(os.path.abspath(path))))
         grid = sorted({float(r["eps"]) for r in rows})
