@@ -193,6 +193,12 @@ def test_randdisc_kl_certification(digits_model, tmp_path, defense, extra):
         for eps in ("0.01", "0.05"):  # Prop. 2 with the corrected sign
             certified = float(row[f"margin_{eps}"]) > np.sqrt(2 * float(row[f"u_kl_{eps}"]))
             assert row[f"certified_{eps}"] == str(int(certified))
+            # α + α′ for the Monte-Carlo bound over random centers; α alone when U_KL is
+            # exact (fixed grayscale centers)
+            expected = 0.001 if extra else 0.002
+            assert float(row[f"failure_probability_{eps}"]) == pytest.approx(expected, rel=1e-9)
+        assert row["rigorous"] == "1"  # grayscale: exact assignment probabilities
+    assert "failure probability ≤" in result.stdout
     assert (out / "certified_accuracy.png").exists()
     compare = certify(f"--analyze={out}/certify.tsv,{out}/certify.tsv",
                       f"--output_dir={tmp_path / 'cmp'}")

@@ -220,9 +220,13 @@ class KLCertifier:
     """ℓ∞ KL certificates of randomized discretization (Zhang & Liang Props. 1–2, SPEC §4.6).
 
     Per example and ε: the votes of f(RandDisc(x)) give a sound lower bound on the
-    margin; U_KL is Prop. 1's bound (its expectation over the centers is Monte Carlo, as
-    in the paper; we use the estimate + 3 standard errors).  The down-sampled defense
-    uses the Table 1 pooling of each ε, so each ε has its own votes.
+    margin (Clopper-Pearson at α); U_KL is Prop. 1's bound, whose expectation over the
+    random centers is bounded by a betting confidence bound over ``num_center_samples``
+    center sets at level α′ (``kl_alpha``), so a certificate fails with probability at
+    most α + α′ per example and ε (`tfcert.kl`).  For colour images (q > 1) the
+    assignment probabilities are Monte-Carlo estimates and U_KL is not a bound: those
+    rows say ``rigorous = 0``.  The down-sampled defense uses the Table 1 pooling of each
+    ε, so each ε has its own votes.
     """
 
     def __init__(self, options):
@@ -231,8 +235,9 @@ class KLCertifier:
 
     @property
     def columns(self) -> list[str]:
-        per_eps = [f"{name}_{e:g}" for e in self.eps for name in ("certified", "u_kl", "margin")]
-        return ["prediction", "correct", *per_eps, "counts"]
+        per_eps = [f"{name}_{e:g}" for e in self.eps
+                   for name in ("certified", "u_kl", "margin", "failure_probability")]
+        return ["prediction", "correct", *per_eps, "rigorous", "counts"]
 
     def setup(self, model, num_classes: int) -> None:
         from tfcert.layers import RandomizedDiscretization, downsampling_for_epsilon
@@ -258,28 +263,31 @@ class KLCertifier:
         self.pools = pools
 
     def certify(self, images, labels, indices) -> list[dict]:
-        from tfcert import kl
+        from tfcert import kl, smoothing
 
         o = self.o
+        keys = smoothing.draw_keys(smoothing.run_key(o.seed), kl.CENTER_STREAM, indices)
         rows = [{} for _ in labels]
         for pool, smoothed in self.defenses.items():
             counts = smoothed.sample_counts(images, o.num_samples, seed=o.seed, indices=indices)
             eps = [e for e, p in zip(self.eps, self.pools) if p == pool]
-            u_kl = kl.layer_kl_bound(smoothed.noise, images, eps,
-                                     num_center_samples=o.num_center_samples,
-                                     seed=o.seed).upper(3.0)
-            cert = kl.kl_certify(counts, labels, u_kl, o.alpha)
+            bound = kl.layer_kl_bound(smoothed.noise, images, eps,
+                                      num_center_samples=o.num_center_samples,
+                                      kl_alpha=o.kl_alpha, keys=keys)
+            cert = kl.kl_certify(counts, labels, bound, o.alpha)
             certified = np.asarray(cert.certified)
             margin = np.broadcast_to(np.asarray(cert.margin_lower), certified.shape)
+            u_kl = np.asarray(bound.value)
             for j, row in enumerate(rows):
                 if pool == self.pools[0]:
                     prediction = int(np.argmax(counts[j]))
                     row.update(prediction=prediction, correct=int(prediction == labels[j]),
-                               counts=counts[j].tolist())
+                               counts=counts[j].tolist(), rigorous=int(bound.rigorous))
                 for e_i, e in enumerate(eps):
                     row.update({f"certified_{e:g}": int(certified[e_i, j]),
-                                f"u_kl_{e:g}": float(np.asarray(u_kl)[e_i, j]),
-                                f"margin_{e:g}": float(margin[e_i, j])})
+                                f"u_kl_{e:g}": float(u_kl[e_i, j]),
+                                f"margin_{e:g}": float(margin[e_i, j]),
+                                f"failure_probability_{e:g}": float(cert.failure_probability)})
         return rows
 
     def summarize(self, rows, output_dir: str) -> None:
@@ -290,13 +298,22 @@ class KLCertifier:
                              for e in self.eps])
         clean = np.mean([r["correct"] == "1" for r in rows])
         centers = "fixed centers" if o.fixed_centers else "image-dependent centers"
+        failure = max(float(r[f"failure_probability_{e:g}"]) for r in rows for e in self.eps)
         header = (f"{len(rows)} examples, {o.defense} (k = {o.num_clusters}, σ = "
                   f"{o.sigma}, τ = {o.center_stddev or o.sigma}, {centers}), "
-                  f"n = {o.num_samples}, α = {o.alpha}; majority-vote accuracy "
-                  f"{100 * clean:.1f}%")
+                  f"n = {o.num_samples}; majority-vote accuracy {100 * clean:.1f}%")
+        guarantee = (f"failure probability ≤ {failure:g} per example and ε (margin: "
+                     f"Clopper-Pearson at α = {o.alpha}; U_KL: "
+                     + ("exact" if failure <= o.alpha else
+                        f"betting bound over {o.num_center_samples} center sets at α′ = "
+                        f"{o.kl_alpha}") + ")")
+        if any(r["rigorous"] == "0" for r in rows):
+            guarantee += ("\nU_KL is a Monte-Carlo ESTIMATE (q > 1), not a bound: the "
+                          "KL-certified accuracy is not a guarantee")
         text = format_table(self.eps, {"certified": accuracy}, header="ℓ∞ ε")
-        print(f"{header}\nKL-certified accuracy (Zhang & Liang Prop. 2):\n{text}")
-        results.write_atomic(os.path.join(output_dir, "summary.txt"), f"{header}\n{text}\n")
+        print(f"{header}\n{guarantee}\nKL-certified accuracy (Zhang & Liang Prop. 2):\n{text}")
+        results.write_atomic(os.path.join(output_dir, "summary.txt"),
+                             f"{header}\n{guarantee}\n{text}\n")
         plot_atomic(self.eps, {o.defense: accuracy},
                     os.path.join(output_dir, "certified_accuracy.png"), xlabel="ℓ∞ ε",
                     title=header.split(";")[0])

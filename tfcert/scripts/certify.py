@@ -77,8 +77,11 @@ flags.DEFINE_float("center_stddev", None, "RandDisc center noise τ (default: --
 flags.DEFINE_integer("num_candidates", 100, "RandDisc candidate pixels s.", lower_bound=1)
 flags.DEFINE_list("fixed_centers", None, "Image-independent RandDisc centers (grayscale), one "
                   "per cluster, e.g. 0,1; removes Prop. 1's center term.")
-flags.DEFINE_integer("num_center_samples", 100, "Center sets of the Monte-Carlo expectation "
-                     "in Prop. 1.", lower_bound=2)
+flags.DEFINE_integer("num_center_samples", 5000, "Center sets per example for the (1 − α′) "
+                     "betting upper bound on Prop. 1's expectation over the centers.",
+                     lower_bound=2)
+flags.DEFINE_float("kl_alpha", 0.001, "Failure probability α′ of U_KL's Monte-Carlo part "
+                   "(Prop. 1); a KL certificate fails with probability ≤ α + α′.")
 
 
 
@@ -109,6 +112,7 @@ def run(argv: list[str]) -> None:
         certification.eps_grid(FLAGS)
         cli.require(FLAGS.center_stddev is None or FLAGS.center_stddev > 0,
                     "--center_stddev must be > 0")
+        cli.require(0 < FLAGS.kl_alpha < 1, "--kl_alpha must be in (0, 1)")
     certification.certify_dataset(FLAGS, cli.script_flags(), cli.flag_defaults())
 
 
