@@ -1,13 +1,21 @@
-r"""Trains a base classifier with standard, Gaussian-augmentation or STN training.
+r"""Trains a base classifier with one of tfcert's training objectives.
 
     python train.py --dataset=mnist_subset --method=stn --sigma=0.7 --gamma=1 \
         --epochs=10 --output_dir=runs/stn_mnist
+
+Methods (``--method``): standard; gaussian (Gaussian augmentation, Cohen et al. 2019);
+stn (stability training with noise, STN Sec. 5.1, ``--stability_target``); consistency
+(Jeong & Shin 2020); macer (Zhai et al. 2020); smoothadv (Salman et al. 2019); pgd (Madry
+PGD adversarial training); trades (TRADES).  See `tfcert.training` and
+`tfcert.adversarial_training`.
 
 Writes to --output_dir: ``model.keras`` (the base classifier, logits), ``config.json``
 (every flag), ``log.csv`` (per-epoch history: loss, classification_loss, the
 regularizer's loss, accuracy and their val_ versions) and ``metrics.json`` (clean
 test accuracy and accuracy under one draw of N(0, σ²) noise).  An interrupted run
-resumes from its last finished epoch (``backup/``).
+resumes from its last finished epoch (``backup/``).  Flags, data and model are checked
+before anything is written: a model that cannot be built for the data is a one-line
+``error:`` and leaves no output folder.
 """
 
 from __future__ import annotations
@@ -27,18 +35,42 @@ flags.DEFINE_bool("download", False, "Let tensorflow-datasets download the data 
 flags.DEFINE_string("model", None, "Base classifier: stn_mnist, cifar_cnn, small_cnn or "
                     "app:<keras.applications name>. Default: stn_mnist for 28x28 data, "
                     "cifar_cnn for cifar10, small_cnn for digits.")
-flags.DEFINE_enum("method", "stn", ["standard", "gaussian", "stn", "pgd", "trades"],
+flags.DEFINE_enum("method", "stn", ["standard", "gaussian", "stn", "consistency", "macer",
+                                     "smoothadv", "pgd", "trades"],
                   "Training method: standard; gaussian (Gaussian augmentation, Cohen et al.); "
-                  "stn (stability training with noise, STN Sec. 5.1); pgd (Madry PGD "
-                  "adversarial training); trades (TRADES).")
-flags.DEFINE_float("sigma", 0.7, "Noise std σ on the [0, 1] pixel scale (gaussian, stn; also "
-                   "the noise of the reported noisy accuracy).", lower_bound=0.0)
+                  "stn (stability training with noise, STN Sec. 5.1); consistency (Gaussian "
+                  "augmentation + consistency regularization, Jeong & Shin 2020); macer "
+                  "(certified-radius maximisation, Zhai et al. 2020); smoothadv (PGD on the "
+                  "smoothed classifier, Salman et al. 2019); pgd (Madry PGD adversarial "
+                  "training); trades (TRADES).")
+flags.DEFINE_float("sigma", 0.7, "Noise std σ on the [0, 1] pixel scale (gaussian, stn, "
+                   "consistency, macer, smoothadv; also the noise of the reported noisy "
+                   "accuracy).", lower_bound=0.0)
 flags.DEFINE_float("gamma", 1.0, "Weight γ of the stability loss (stn).", lower_bound=0.0)
+flags.DEFINE_enum("stability_target", "stop_gradient", ["paper", "stop_gradient", "stn_code"],
+                  "Stability loss of stn (see tfcert.StabilityModel): paper (gradient through "
+                  "both predictions), stop_gradient (clean prediction as a fixed target), "
+                  "stn_code (STN's released code: the clean logits as the target).")
+flags.DEFINE_integer("num_noise_samples", None, "Noise draws m per image (consistency, macer, "
+                     "smoothadv). Default: the paper's, 2 / 16 / 2.", lower_bound=1)
+flags.DEFINE_float("consistency_lambda", 10.0, "Weight λ of the KL term (consistency).",
+                   lower_bound=0.0)
+flags.DEFINE_float("consistency_eta", 0.5, "Weight η of the entropy term (consistency).",
+                   lower_bound=0.0)
+flags.DEFINE_float("macer_lambda", 12.0, "Weight λ of the robustness term (macer).",
+                   lower_bound=0.0)
+flags.DEFINE_float("macer_gamma", 8.0, "Hinge γ on the radius term (macer).", lower_bound=0.0)
+flags.DEFINE_float("macer_beta", 16.0, "Inverse temperature β of the robustness term (macer).",
+                   lower_bound=0.0)
+flags.DEFINE_float("smoothadv_eps", 0.25, "ℓ2 radius ε of the SmoothAdv attack ([0, 1] scale).",
+                   lower_bound=0.0)
+flags.DEFINE_integer("warmup_epochs", 10, "Epochs over which the SmoothAdv ε grows linearly "
+                     "to --smoothadv_eps (1 = no warm-up).", lower_bound=1)
 flags.DEFINE_float("eps", 0.3, "Attack budget ε for pgd / trades training ([0, 1] scale).",
                    lower_bound=0.0)
 flags.DEFINE_enum("norm", "inf", ["inf", "2"], "Norm of the training attack (pgd / trades).")
-flags.DEFINE_integer("attack_steps", 10, "PGD steps of the training attack (pgd / trades).",
-                     lower_bound=1)
+flags.DEFINE_integer("attack_steps", 10, "PGD steps of the training attack (pgd / trades / "
+                     "smoothadv).", lower_bound=1)
 flags.DEFINE_float("beta", 6.0, "TRADES weight β of KL(f(x) || f(x_adv)).", lower_bound=0.0)
 flags.DEFINE_integer("epochs", 10, "Training epochs.", lower_bound=1)
 flags.DEFINE_integer("batch_size", 128, "Training batch size.", lower_bound=1)
@@ -59,34 +91,23 @@ def main(argv: list[str]) -> None:
     import keras
     import numpy as np
 
-    from tfcert import data, models, training
+    from tfcert import data
 
     meta = data.info(FLAGS.dataset) if FLAGS.dataset in data.DATASETS else None
     cli.require(meta is not None, f"unknown --dataset={FLAGS.dataset}; choose one of "
                 f"{', '.join(data.DATASETS)}")
     cli.require(FLAGS.method in ("standard", "pgd", "trades") or FLAGS.sigma > 0,
                 f"--method={FLAGS.method} needs --sigma > 0")
+    train_ds = data.load(FLAGS.dataset, "train", FLAGS.data_dir, FLAGS.download)
+    test_ds = data.load(FLAGS.dataset, "test", FLAGS.data_dir, FLAGS.download)
     model_name = FLAGS.model or default_model(FLAGS.dataset)
+    keras.utils.set_random_seed(FLAGS.seed)
+    base, model = build(model_name, meta)
+
     config = {**cli.script_flags(), "model": model_name}
     os.makedirs(FLAGS.output_dir, exist_ok=True)
     with open(os.path.join(FLAGS.output_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
-
-    train_ds = data.load(FLAGS.dataset, "train", FLAGS.data_dir, FLAGS.download)
-    test_ds = data.load(FLAGS.dataset, "test", FLAGS.data_dir, FLAGS.download)
-    keras.utils.set_random_seed(FLAGS.seed)
-    try:
-        base = models.build(model_name, meta.image_shape, meta.num_classes)
-    except ValueError as err:
-        raise cli.CliError(str(err)) from err
-    if FLAGS.method in ("pgd", "trades"):
-        from tfcert import adversarial_training
-
-        model = adversarial_training.wrap(base, FLAGS.method, eps=FLAGS.eps, norm=FLAGS.norm,
-                                          steps=FLAGS.attack_steps, beta=FLAGS.beta,
-                                          seed=FLAGS.seed)
-    else:
-        model = training.wrap(base, FLAGS.method, FLAGS.sigma, FLAGS.gamma, seed=FLAGS.seed)
     model.compile(optimizer=keras.optimizers.Adam(FLAGS.learning_rate),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"])
@@ -112,6 +133,40 @@ def main(argv: list[str]) -> None:
     print(f"test accuracy under N(0, {FLAGS.sigma}^2) noise (one draw per image): "
           f"{100 * metrics['noisy_accuracy']:.2f}%")
     print(f"model written to {os.path.join(FLAGS.output_dir, 'model.keras')}")
+
+
+def build(model_name: str, meta: "data.DatasetInfo") -> tuple["keras.Model", "keras.Model"]:
+    """The base classifier for the data and the model whose ``fit`` trains it with
+    --method; a model that cannot be built for the data is a `cli.CliError`."""
+    from tfcert import models, training
+
+    try:
+        base = models.build(model_name, meta.image_shape, meta.num_classes)
+    except ValueError as err:
+        raise cli.CliError(f"--model={model_name} cannot be built for --dataset="
+                           f"{FLAGS.dataset} ({meta.image_shape[0]}x{meta.image_shape[1]}x"
+                           f"{meta.image_shape[2]} images, {meta.num_classes} classes): "
+                           f"{err}") from err
+    if FLAGS.method in ("pgd", "trades"):
+        from tfcert import adversarial_training
+
+        return base, adversarial_training.wrap(
+            base, FLAGS.method, eps=FLAGS.eps, norm=FLAGS.norm, steps=FLAGS.attack_steps,
+            beta=FLAGS.beta, seed=FLAGS.seed)
+    sampled = {} if FLAGS.num_noise_samples is None else {
+        "num_noise_samples": FLAGS.num_noise_samples}
+    options = {
+        "stn": {"gamma": FLAGS.gamma, "stability_target": FLAGS.stability_target},
+        "consistency": {**sampled, "lbd": FLAGS.consistency_lambda, "eta": FLAGS.consistency_eta},
+        "macer": {**sampled, "lbd": FLAGS.macer_lambda, "gamma": FLAGS.macer_gamma,
+                  "beta": FLAGS.macer_beta},
+        "smoothadv": {**sampled, "eps": FLAGS.smoothadv_eps, "steps": FLAGS.attack_steps,
+                      "warmup_epochs": FLAGS.warmup_epochs},
+    }.get(FLAGS.method, {})
+    try:
+        return base, training.wrap(base, FLAGS.method, FLAGS.sigma, seed=FLAGS.seed, **options)
+    except ValueError as err:
+        raise cli.CliError(str(err)) from err
 
 
 def evaluate(base, test_ds, sigma: float, seed: int) -> dict[str, float]:

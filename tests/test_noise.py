@@ -1,10 +1,17 @@
-"""GaussianNoise: statistics, freshness, seeds, no clipping, graph mode, serialization."""
+"""GaussianNoise: statistics, freshness, seeds, replicas, no clipping, graph mode, serialization."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import ROOT
 from tfcert.layers import GaussianNoise
 
 
@@ -72,3 +79,66 @@ def test_config_and_saved_model_round_trip(tmp_path):
     loaded = keras.models.load_model(tmp_path / "m.keras")
     assert isinstance(loaded.layers[0], GaussianNoise)
     assert loaded.layers[0].stddev == 0.25
+
+
+def test_one_replica_strategy_keeps_the_layer_sequence():
+    """With a single replica there is nothing to decorrelate: the draws are unchanged."""
+    x = tf.zeros([4, 5])
+    expected = GaussianNoise(0.3, seed=2)
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+    with strategy.scope():
+        layer = GaussianNoise(0.3, seed=2)
+    draw = tf.function(lambda: strategy.run(lambda: layer(x)))
+    for _ in range(2):
+        np.testing.assert_array_equal(draw().numpy(), expected(x).numpy())
+
+
+TWO_CPUS = """
+import json
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+two = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+"""
+
+
+def run_with_two_cpus(script: str, timeout: int = 600) -> dict:
+    """Runs ``script`` with this checkout's tfcert in a fresh Python whose CPU is split
+    into two logical devices (``two``: a MirroredStrategy over them; this must happen
+    before TensorFlow initialises its devices, hence the new process); returns the JSON
+    the script prints last."""
+    path = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
+    result = subprocess.run([sys.executable, "-c", TWO_CPUS + textwrap.dedent(script)],
+                            capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": path, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_replicas_draw_independent_noise_unless_seeded():
+    out = run_with_two_cpus("""
+        import numpy as np
+        from tfcert.layers import GaussianNoise
+        with two.scope():
+            layer = GaussianNoise(1.0, seed=3)
+        x = tf.zeros([64, 8, 8, 1])
+        seed = tf.constant([5, 6])
+        fresh = tf.function(lambda: two.run(lambda: layer(x)))
+        seeded = tf.function(lambda: two.run(lambda: layer(x, seed=seed)))
+        a, b = [t.numpy().ravel() for t in two.experimental_local_results(fresh())]
+        s0, s1 = [t.numpy() for t in two.experimental_local_results(seeded())]
+        print(json.dumps({"corr": float(np.corrcoef(a, b)[0, 1]), "n": a.size,
+                          "std": [float(a.std()), float(b.std())],
+                          "seeded_equal": bool(np.array_equal(s0, s1)),
+                          "seeded_as_one_device": bool(np.array_equal(
+                              s0, GaussianNoise(1.0)(x, seed=seed).numpy()))}))
+    """)
+    # Independent N(0, 1) draws: the sample correlation of n pairs has standard deviation
+    # 1/sqrt(n) (= 0.016 here); identical draws (the old behaviour) give exactly 1.
+    assert abs(out["corr"]) < 5 / np.sqrt(out["n"])
+    # Each replica's draw is still N(0, 1): sample std within 5 standard errors
+    # (the std of a sample std is about 1/sqrt(2n)).
+    assert all(abs(s - 1.0) < 5 / np.sqrt(2 * out["n"]) for s in out["std"])
+    # An explicit seed is used as given on every replica, as on one device.
+    assert out["seeded_equal"] and out["seeded_as_one_device"]

@@ -26,6 +26,7 @@ def test_train_stn_on_digits_end_to_end(tmp_path):
         assert (out / name).exists(), name
     config = json.loads((out / "config.json").read_text())
     assert config["method"] == "stn" and config["model"] == "small_cnn" and config["sigma"] == 0.25
+    assert config["stability_target"] == "stop_gradient"
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["clean_accuracy"] > 0.6 and 0 < metrics["noisy_accuracy"] <= 1
     log = (out / "log.csv").read_text().splitlines()
@@ -46,12 +47,31 @@ def test_bad_flags_fail_with_a_clear_message(tmp_path, args, message):
     assert not (tmp_path / "out" / "model.keras").exists()
 
 
+def _one_error_line(result) -> str:
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    return errors[0]
+
+
 def test_missing_dataset_is_one_line_error(tmp_path):
     result = run_script("--dataset=cifar10", f"--data_dir={tmp_path}", f"--output_dir={tmp_path}/o")
-    assert result.returncode == 1
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "--download" in errors[0]
-    assert "Traceback" not in result.stderr
+    assert "--download" in _one_error_line(result)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("model, message", [
+    ("app:ResNet50", "at least 32x32"),  # keras.applications refuses 8x8 inputs
+    ("resnet", "unknown model"),
+])
+def test_a_model_that_cannot_be_built_for_the_data_is_refused_before_any_file(
+        tmp_path, model, message):
+    out = tmp_path / "run"
+    result = run_script("--dataset=digits", f"--model={model}", "--epochs=1",
+                        f"--output_dir={out}")
+    error = _one_error_line(result)
+    assert message in error and f"--model={model}" in error and "8x8x1" in error
+    assert not out.exists()
 
 
 @pytest.mark.slow
@@ -64,3 +84,24 @@ def test_adversarial_methods_train_from_the_script(tmp_path, method):
     assert (out / "model.keras").exists()
     header = (out / "log.csv").read_text().splitlines()[0]
     assert ("trades_loss" in header) == (method == "trades")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, flags, regularizer", [
+    ("consistency", ["--num_noise_samples=2", "--consistency_lambda=5"], "consistency_loss"),
+    ("macer", ["--num_noise_samples=4", "--macer_beta=8"], "robustness_loss"),
+    ("smoothadv", ["--attack_steps=2", "--smoothadv_eps=0.5", "--warmup_epochs=2"], None),
+])
+def test_noise_objectives_train_from_the_script(tmp_path, method, flags, regularizer):
+    out = tmp_path / method
+    result = run_script("--dataset=digits", f"--method={method}", "--sigma=0.25", *flags,
+                        "--epochs=2", f"--output_dir={out}", "--verbose=0")
+    assert result.returncode == 0, result.stderr
+    assert (out / "model.keras").exists()
+    config = json.loads((out / "config.json").read_text())
+    assert config["method"] == method
+    assert all(config[flag[2:].split("=")[0]] == float(flag.split("=")[1]) for flag in flags)
+    log = (out / "log.csv").read_text().splitlines()
+    assert len(log) == 3 and "classification_loss" in log[0]
+    if regularizer:
+        assert regularizer in log[0]

@@ -7,6 +7,12 @@ sequence.  A caller that needs reproducible draws for one call (the per-request 
 of the exported serving signature, the EOT loop of an attack) passes ``seed=``, an
 int tensor of shape ``[2]``, to ``call``; the layer then uses TensorFlow's stateless
 random ops with that seed and leaves its generator untouched.
+
+Under a ``tf.distribute`` strategy with several replicas, every replica runs the same
+layer with the same generator state, so an unseeded call folds the replica id into
+its seed (``tf.random.experimental.stateless_fold_in``): the replicas of one step draw
+independent noise instead of N copies of one draw.  An explicit ``seed=`` is used as
+given, on every replica (callers that pass one derive it per image themselves).
 """
 
 from __future__ import annotations
@@ -33,10 +39,17 @@ class RandomizedLayer(keras.layers.Layer):
         self.supports_masking = True
 
     def next_seed(self, seed: tf.Tensor | None = None) -> tf.Tensor:
-        """Returns a stateless seed (int tensor ``[2]``): ``seed`` if given, else a fresh one."""
+        """Returns a stateless seed (int64 tensor ``[2]``): ``seed`` if given, else a fresh
+        one from the layer's generator, made distinct per replica of a strategy with more
+        than one replica (see the module doc)."""
         if seed is not None:
             return tf.cast(seed, tf.int64)
-        return tf.cast(self.seed_generator.next(), tf.int64)
+        fresh = tf.cast(self.seed_generator.next(), tf.int64)
+        replica = tf.distribute.get_replica_context()
+        if replica is None or replica.num_replicas_in_sync == 1:
+            return fresh
+        folded = tf.random.experimental.stateless_fold_in(fresh, replica.replica_id_in_sync_group)
+        return tf.cast(folded, tf.int64)
 
     def compute_output_shape(self, input_shape):
         return input_shape
