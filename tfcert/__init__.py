@@ -18,12 +18,13 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = ("adversarial_training", "analysis", "attacks", "bench", "bounds", "cli", "data",
-               "export", "kl", "layers", "models", "results", "sequential", "smoothing", "stats",
-               "training")
+               "certification", "export", "kl", "layers", "models", "results", "robust_accuracy",
+               "scripts", "sequential", "smoothing", "stats", "training")
 _NAMES = {
     "SmoothedClassifier": "smoothing", "Certificate": "smoothing",
     "StabilityModel": "training", "GaussianAugmentationModel": "training",
-    "RobustTrainingModel": "training",
+    "RobustTrainingModel": "training", "ConsistencyModel": "training",
+    "MACERModel": "training", "SmoothAdvModel": "training",
     "AdversarialTrainingModel": "adversarial_training", "TRADESModel": "adversarial_training",
     "EarlyStopping": "sequential", "certify_sequential": "sequential",
 }

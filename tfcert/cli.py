@@ -203,20 +203,33 @@ def file_sha256(path: str) -> str:
 
 
 class Progress:
-    """A tqdm progress bar with rate and ETA on stderr: redrawn on a terminal, a line every
-    30 seconds in logs."""
+    """A tqdm progress bar with rate and ETA on stderr: redrawn on a terminal; in logs a
+    plain line at most every 30 seconds (and at the end)."""
 
     def __init__(self, total: int, label: str, done: int = 0):
         from tqdm import tqdm
 
         interactive = sys.stderr.isatty()
         self.done = done
-        self.bar = tqdm(total=total, initial=done, desc=label, file=sys.stderr,
-                        mininterval=0.5 if interactive else 30.0, dynamic_ncols=interactive,
-                        ascii=not interactive)
+        self.bar = tqdm(total=total, initial=done, desc=label, unit="example",
+                        file=sys.stderr if interactive else _LogLines(),
+                        mininterval=0.5 if interactive else 30.0, ascii=not interactive,
+                        dynamic_ncols=interactive)
 
     def update(self, done: int) -> None:
         self.bar.update(done - self.done)
         self.done = done
         if done >= self.bar.total:
             self.bar.close()
+
+
+class _LogLines:
+    """A stderr for tqdm in logs: each redraw becomes one line (no carriage returns)."""
+
+    def write(self, text: str) -> None:
+        text = text.strip("\r\n")
+        if text:
+            print(text, file=sys.stderr, flush=True)
+
+    def flush(self) -> None:
+        sys.stderr.flush()

@@ -344,7 +344,7 @@ class ConsistencyModel(_NoisyCopiesTrainingModel):
 
     Example:
 
-    >>> model = tfcert.training.ConsistencyModel(tfcert.models.stn_mnist(), sigma=0.5, lbd=10.0)
+    >>> model = tfcert.ConsistencyModel(tfcert.models.stn_mnist(), sigma=0.5, lbd=10.0)
     >>> model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     ...               metrics=["accuracy"])   # accuracy on the noisy copies
     >>> history = model.fit(x_train, y_train, epochs=5)   # ... and consistency_loss
@@ -404,7 +404,7 @@ class MACERModel(_MultiNoiseTrainingModel):
 
     Example:
 
-    >>> model = tfcert.training.MACERModel(tfcert.models.stn_mnist(), sigma=0.25, lbd=12.0)
+    >>> model = tfcert.MACERModel(tfcert.models.stn_mnist(), sigma=0.25, lbd=12.0)
     >>> model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     ...               metrics=["accuracy"])   # accuracy of the soft smoothed classifier
     >>> history = model.fit(x_train, y_train, epochs=5)   # ... and robustness_loss
@@ -480,7 +480,7 @@ class SmoothAdvModel(_NoisyCopiesTrainingModel):
 
     Example:
 
-    >>> model = tfcert.training.SmoothAdvModel(tfcert.models.stn_mnist(), 0.5, eps=0.5, steps=2)
+    >>> model = tfcert.SmoothAdvModel(tfcert.models.stn_mnist(), 0.5, eps=0.5, steps=2)
     >>> model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     ...               metrics=["accuracy"])   # accuracy on the noisy adversarial copies
     >>> history = model.fit(x_train, y_train, epochs=20)
