@@ -5,7 +5,9 @@
 
 writes ``serving/mnist/<version>/`` (the next free version unless --version is given),
 a SavedModel whose signatures run the noisy sampling loop and the certificate inside
-the graph, and prints its signatures and path.  Serve it with TF Serving as described
+the graph, with TF Serving warmup requests in ``assets.extra/``, and prints its
+signatures and path.  ``--serving_device=gpu`` sizes the sampling passes for a GPU
+server (``--pass_size`` sets them explicitly).  Serve it with TF Serving as described
 in export/README.md.  Thin over :func:`tfcert.export.export_saved_model`.
 """
 
@@ -45,9 +47,15 @@ flags.DEFINE_float("alpha", 0.001, "Failure probability α of each certificate (
 flags.DEFINE_enum("bound", None, ["renyi", "cohen", "pixeldp", "none"],
                   "Radius in the output: renyi (STN Thm. 2), cohen, pixeldp, none (radius 0). "
                   "Default: renyi for gaussian, none otherwise.")
+flags.DEFINE_enum("serving_device", "cpu", ["cpu", "gpu"],
+                  "Device of the TF Serving server; sets the automatic --pass_size: cpu: "
+                  "this machine's last-level CPU cache over the model's activation bytes per "
+                  "input (serve on a similar CPU); gpu: a 256 MiB activation budget "
+                  "(tfcert.smoothing.GPU_PASS_MEMORY), whatever this machine has; at most "
+                  "4096 either way. Recorded in assets/tfcert_config.json.")
 flags.DEFINE_integer("pass_size", None, "Noisy inputs per forward pass inside the graph "
-                     "(bounds memory; default: from the model's activation memory on this "
-                     "machine, at most 4096; set it for the serving GPU).", lower_bound=1)
+                     "(bounds memory); overrides the automatic size of --serving_device.",
+                     lower_bound=1)
 flags.DEFINE_string("base_dir", "serving", "TF Serving model base folder.")
 flags.DEFINE_string("name", "tfcert", "Model name (the folder under --base_dir and the name "
                     "in /v1/models/<name>).")
@@ -81,14 +89,16 @@ def main(argv: list[str]) -> None:
         config = export.export_saved_model(
             smoothed, path, FLAGS.num_samples, FLAGS.alpha, bound, FLAGS.pass_size,
             predict_num_samples=FLAGS.predict_num_samples, image_shape=image_shape,
-            metadata=metadata)
+            serving_device=FLAGS.serving_device, model_name=FLAGS.name, metadata=metadata)
     except (ValueError, FileExistsError) as err:
         raise cli.CliError(str(err)) from err
     print(export.signature_summary(path))
     print(f"baked in: n={config.num_samples}, predict n={config.predict_num_samples}, "
           f"alpha={config.alpha}, bound={config.bound}, sigma={config.sigma}, "
-          f"pass_size={config.pass_size}, classes={config.num_classes}, "
-          f"images={list(config.image_shape)}")
+          f"pass_size={config.pass_size} (serving_device={config.serving_device}), "
+          f"classes={config.num_classes}, images={list(config.image_shape)}")
+    print(f"warmup: {export.WARMUP_FILE}, one request per signature for model "
+          f"'{config.model_name}'")
     print(f"SavedModel written to {path}")
 
 

@@ -1,9 +1,11 @@
 """TF Serving export: a TensorFlow-only process runs the signatures and gets the library's answers.
 
 One small CNN trained on 8x8 digits under Gaussian noise is exported through the
-`python export` entry point; a subprocess that blocks tfcert, TFP and Keras loads it and
-runs every request of these tests at once (``served``); the tests compare its answers
-with `SmoothedClassifier`, `tfcert.stats` / `tfcert.bounds` and scipy.
+`python export` entry point (in a process where tensorflow-serving-api cannot be
+imported); a subprocess that blocks tfcert, TFP and Keras loads it and runs every
+request of these tests at once (``served``); the tests compare its answers with
+`SmoothedClassifier`, `tfcert.stats` / `tfcert.bounds` and scipy, and replay the
+export's TF Serving warmup requests through the TF1 session path the server uses.
 """
 
 import importlib.util
@@ -22,7 +24,7 @@ from scipy import stats as sps
 from tfcert import bounds, cli, export, models, stats
 from tfcert.layers import GaussianNoise
 from tfcert.layers.discretization import RandomizedDiscretization
-from tfcert.smoothing import SmoothedClassifier
+from tfcert.smoothing import GPU_PASS_MEMORY, MAX_PASS_SIZE, SmoothedClassifier, activation_bytes
 # TensorFlow's saved_model_cli of the interpreter running the tests (a venv's bin/ need
 # not be on PATH)
 SAVED_MODEL_CLI = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
@@ -71,6 +73,8 @@ out = {
     "predict_seeded": run("predict_seeded", x[:8], seeds),
     "predict": run("predict", x[:8]),
     "empty": {k: v.shape.as_list() for k, v in sig["serving_default"](images=x[:0]).items()},
+    "batch3": {name: {k: np.shape(v) for k, v in run(
+        name, x[:3], seeds[:3] if name.endswith("_seeded") else None).items()} for name in sig},
 }
 bad = x[:2].copy()
 nan, inf, high, low = (bad.copy() for _ in range(4))
@@ -97,6 +101,7 @@ out["rest_error"] = client.local_predict(args["export"], client.request_body(hig
 out["constants"] = {name: getattr(loaded, name).numpy().item() for name in (
     "num_samples", "predict_num_samples", "alpha", "sigma", "num_classes", "pass_size")}
 out["constants"]["bound"] = loaded.bound.numpy().decode()
+out["constants"]["serving_device"] = loaded.serving_device.numpy().decode()
 with open(loaded.config_file.asset_path.numpy().decode()) as f:
     out["asset"] = json.load(f)
 randdisc = tf.saved_model.load(args["randdisc"]).signatures["certify_seeded"]
@@ -126,10 +131,10 @@ print(json.dumps({"counts": out["counts"].numpy().tolist(), "growth_mb": (after 
 '''
 
 
-def start(command, **kwargs) -> subprocess.Popen:
+def start(command, env: dict = ENV, **kwargs) -> subprocess.Popen:
     """Starts ``command`` in the background (the fixtures overlap their subprocesses)."""
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=ENV, **kwargs)
+                            env=env, **kwargs)
 
 
 def finish(process: subprocess.Popen) -> str:
@@ -165,17 +170,24 @@ def trained(tmp_path_factory, digits) -> Trained:
 
 @pytest.fixture(scope="module")
 def exports(trained, tmp_path_factory) -> dict:
-    """The exports: ``main`` by `python export ...` from the repository root (n = 1000;
-    its stdout is ``cli_stdout``), and in-process while it runs ``randdisc``
-    (RandomizedDiscretization, n = 200, no radius) and ``big`` (n = 100,000)."""
+    """The exports: ``main`` by `python export ...` from the repository root (n = 1000,
+    --serving_device=gpu with an explicit --pass_size; tensorflow_serving shadowed by a
+    package that refuses to import; its stdout is ``cli_stdout``), and in-process while
+    it runs ``randdisc`` (RandomizedDiscretization, n = 200, no radius, automatic GPU
+    pass size) and ``big`` (n = 100,000, serving device cpu by default)."""
     base = tmp_path_factory.mktemp("serving")
+    shadow = tmp_path_factory.mktemp("no_serving_api")
+    (shadow / "tensorflow_serving").mkdir()
+    (shadow / "tensorflow_serving" / "__init__.py").write_text(
+        "raise ImportError('tensorflow-serving-api is not installed')\n")
     cli = start([sys.executable, "export", f"--model={trained.model_path}", f"--sigma={SIGMA}",
                  f"--num_samples={NUM_SAMPLES}", f"--alpha={ALPHA}", f"--pass_size={PASS_SIZE}",
-                 f"--base_dir={base}", "--name=digits", "--dataset=digits"], cwd=ROOT)
+                 "--serving_device=gpu", f"--base_dir={base}", "--name=digits",
+                 "--dataset=digits"], env={**ENV, "PYTHONPATH": str(shadow)}, cwd=ROOT)
     paths = {"randdisc": str(base / "randdisc" / "1"), "big": str(base / "big" / "1")}
     randdisc = RandomizedDiscretization(2, 0.15, 0.15)
     export.export_saved_model(SmoothedClassifier(trained.model, 10, randdisc), paths["randdisc"],
-                              200, ALPHA, bound="none", pass_size=PASS_SIZE)
+                              200, ALPHA, bound="none", serving_device="gpu")
     export.export_saved_model(SmoothedClassifier(trained.model, 10, GaussianNoise(SIGMA)),
                               paths["big"], 100_000, ALPHA, pass_size=512)
     return {**paths, "cli_stdout": finish(cli), "main": str(base / "digits" / "1")}
@@ -322,13 +334,184 @@ def test_rest_json_round_trip_in_both_forms(served):
 @pytest.mark.slow  # shares the ~1 min `served` setup
 def test_constants_attributes_and_config_asset(served, exports, trained):
     want = {"num_samples": NUM_SAMPLES, "predict_num_samples": NUM_SAMPLES, "alpha": ALPHA,
-            "sigma": SIGMA, "num_classes": 10, "pass_size": PASS_SIZE, "bound": "renyi"}
+            "sigma": SIGMA, "num_classes": 10, "pass_size": PASS_SIZE, "bound": "renyi",
+            "serving_device": "gpu"}
     assert served["constants"] == want
     asset = served["asset"]
     assert {k: asset[k] for k in want} == want
     assert asset["image_shape"] == [8, 8, 1] and asset["noise"]["class_name"] == "GaussianNoise"
+    assert asset["model_name"] == "digits" and export.WARMUP_FILE in asset["warmup"]
     assert asset["metadata"]["model_sha256"] == cli.file_sha256(trained.model_path)
     assert export.read_config(exports["main"]) == asset
+
+
+def _session_replay(path: str, requests: dict) -> dict:
+    """Each ``PredictRequest`` run as TF Serving runs its warmup records: the signature
+    def's tensors fed and fetched in a TF1 session of the SavedModel."""
+    graph = tf.Graph()
+    with graph.as_default(), tf.compat.v1.Session(graph=graph) as session:
+        meta_graph = tf.compat.v1.saved_model.load(session, ["serve"], path)
+        replies = {}
+        for name, request in requests.items():
+            sig = meta_graph.signature_def[name]
+            feeds = {sig.inputs[k].name: tf.make_ndarray(v) for k, v in request.inputs.items()}
+            replies[name] = session.run({k: v.name for k, v in sig.outputs.items()}, feeds)
+    return replies
+
+
+@pytest.mark.slow  # shares the ~1 min `exports` setup
+def test_warmup_file_holds_one_valid_predict_request_per_signature(exports):
+    """TF Serving's SavedModel warmup: a TFRecord of PredictionLog at
+    assets.extra/tf_serving_warmup_requests, replayed at load (a failing record fails the
+    load).  The CLI wrote it where tensorflow_serving could not be imported."""
+    pytest.importorskip("tensorflow_serving")
+    from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
+
+    path = os.path.join(exports["main"], export.WARMUP_FILE)
+    logs = [prediction_log_pb2.PredictionLog.FromString(record)
+            for record in tf.data.TFRecordDataset(path).as_numpy_iterator()]
+    assert [log.WhichOneof("log_type") for log in logs] == ["predict_log"] * len(export.SIGNATURES)
+    requests = {log.predict_log.request.model_spec.signature_name: log.predict_log.request
+                for log in logs}
+    assert sorted(requests) == sorted(export.SIGNATURES)
+    for name, request in requests.items():
+        expected = predict_pb2.PredictRequest()
+        expected.model_spec.name, expected.model_spec.signature_name = "digits", name
+        expected.inputs["images"].CopyFrom(tf.make_tensor_proto(
+            np.full((1, 8, 8, 1), export.WARMUP_PIXEL, np.float32)))
+        if name.endswith("_seeded"):
+            expected.inputs["seed"].CopyFrom(tf.make_tensor_proto(np.zeros([1], np.int64)))
+        assert request == expected, name
+    for name, outputs in _session_replay(exports["main"], requests).items():
+        assert {np.shape(value)[0] for value in outputs.values()} == {1}, name
+        assert outputs["counts"].sum() == NUM_SAMPLES, name
+
+
+@pytest.mark.slow  # shares the ~1 min `exports` setup
+def test_latency_probe_replays_the_warmup_file_and_times_every_signature(exports, trained):
+    pytest.importorskip("tensorflow_serving")
+    latency = _load_script("latency")
+    assert latency.WARMUP_FILE == os.path.join(*export.WARMUP_FILE.split("/"))
+    report = latency.measure(exports["main"], trained.images[:2], [1, 2], repeats=1)
+    assert sorted(report["warmup"]) == sorted(export.SIGNATURES)
+    assert sorted(report["warm"]) == sorted(f"{name} batch={batch}"
+                                            for name in export.SIGNATURES for batch in (1, 2))
+    for timing in [*report["warmup"].values(), *report["warm"].values()]:
+        assert timing["wall_s"] > 0 and timing["cpu_s"] >= 0
+
+
+def test_prediction_log_encoding_parses_as_the_tensorflow_serving_protos():
+    """The hand-encoded wire format: field lengths needing 1, 2 and 3 varint bytes (an
+    input of 98 KB), several inputs, a non-ASCII model name."""
+    pytest.importorskip("tensorflow_serving")
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    inputs = {"images": np.linspace(0, 1, 2 * 64 * 64 * 3, dtype=np.float32).reshape(2, 64, 64, 3),
+              "seed": np.array([7, 2**40 + 5], np.int64)}
+    log = prediction_log_pb2.PredictionLog.FromString(
+        export.prediction_log("módel-ß", "certify_seeded", inputs))
+    expected = prediction_log_pb2.PredictionLog()
+    request = expected.predict_log.request
+    request.model_spec.name, request.model_spec.signature_name = "módel-ß", "certify_seeded"
+    for key, value in inputs.items():
+        request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
+    assert log == expected
+
+
+def test_serving_device_chooses_the_automatic_pass_size(monkeypatch):
+    """cpu: the classifier's rule (this machine's cache); gpu: GPU_PASS_MEMORY over the
+    activation bytes, whatever this machine has; an explicit batch_size wins."""
+    from tfcert import smoothing
+
+    model, shape = models.stn_mnist(), (28, 28, 1)
+    per_input = activation_bytes(model, shape)  # ≈ 0.29 MB: GPU size ≈ 900 < MAX_PASS_SIZE
+    gpu = GPU_PASS_MEMORY // per_input
+    assert 1 < gpu < MAX_PASS_SIZE
+    smoothed = SmoothedClassifier(model, 10, GaussianNoise(SIGMA))
+    assert export.serving_pass_size(smoothed, shape) == smoothed.pass_size(shape)
+    assert export.serving_pass_size(smoothed, shape, "gpu") == gpu
+    monkeypatch.setattr(smoothing, "pass_memory", lambda: 4 * per_input)  # a tiny CPU cache
+    small_cache = SmoothedClassifier(model, 10, GaussianNoise(SIGMA))
+    assert export.serving_pass_size(small_cache, shape, "cpu") == 4
+    assert export.serving_pass_size(small_cache, shape, "gpu") == gpu
+    fixed = SmoothedClassifier(model, 10, GaussianNoise(SIGMA), batch_size=48)
+    assert export.serving_pass_size(fixed, shape, "gpu") == 48
+    with pytest.raises(ValueError, match="serving_device"):
+        export.serving_pass_size(smoothed, shape, "tpu")
+
+
+@pytest.mark.slow  # shares the ~1 min `exports` setup
+def test_config_records_serving_device_and_pass_size(exports, trained):
+    main, randdisc, big = (export.read_config(exports[k]) for k in ("main", "randdisc", "big"))
+    # --serving_device=gpu --pass_size=256: the explicit size wins
+    assert (main["serving_device"], main["pass_size"]) == ("gpu", PASS_SIZE)
+    gpu = min(GPU_PASS_MEMORY // activation_bytes(trained.model, (8, 8, 1)), MAX_PASS_SIZE)
+    assert (randdisc["serving_device"], randdisc["pass_size"]) == ("gpu", gpu)
+    assert (big["serving_device"], big["pass_size"]) == ("cpu", 512)
+
+
+@pytest.mark.slow  # shares the ~1 min `served` setup
+def test_every_signature_tensor_has_a_leading_batch_dimension(exports, served):
+    """TF Serving's batching concatenates every input along dimension 0 and splits every
+    output along it (it fails a batch whose output has no dimension 0 of the batch size)."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    for key in ("main", "randdisc", "big"):
+        proto = saved_model_pb2.SavedModel()
+        with open(os.path.join(exports[key], "saved_model.pb"), "rb") as f:
+            proto.ParseFromString(f.read())
+        signatures = proto.meta_graphs[0].signature_def
+        assert sorted(k for k in signatures if not k.startswith("__")) == sorted(export.SIGNATURES)
+        for name in export.SIGNATURES:
+            sig = signatures[name]
+            for tensor, info in [*sig.inputs.items(), *sig.outputs.items()]:
+                dims = [d.size for d in info.tensor_shape.dim]
+                assert not info.tensor_shape.unknown_rank and dims[:1] == [-1], (key, name, tensor)
+    assert sorted(served["batch3"]) == sorted(export.SIGNATURES)
+    for name, shapes in served["batch3"].items():
+        assert {shape[0] for shape in shapes.values()} == {3}, (name, shapes)
+
+
+def _batching_parameters_class():
+    """The BatchingParameters fields the example file sets, with the field numbers of
+    tensorflow_serving/servables/tensorflow/session_bundle_config.proto (not in the
+    tensorflow-serving-api wheel)."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, wrappers_pb2
+
+    field = descriptor_pb2.FieldDescriptorProto
+    file = descriptor_pb2.FileDescriptorProto(
+        name="test_export/batching.proto", package="test_export", syntax="proto3",
+        dependency=[wrappers_pb2.DESCRIPTOR.name])
+    message = file.message_type.add(name="BatchingParameters")
+    for number, name in enumerate(("max_batch_size", "batch_timeout_micros",
+                                   "max_enqueued_batches", "num_batch_threads"), start=1):
+        message.field.add(name=name, number=number, type=field.TYPE_MESSAGE,
+                          label=field.LABEL_OPTIONAL, type_name=".google.protobuf.Int64Value")
+    pool = descriptor_pool.DescriptorPool()
+    pool.AddSerializedFile(wrappers_pb2.DESCRIPTOR.serialized_pb)
+    pool.AddSerializedFile(file.SerializeToString())
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName(
+        "test_export.BatchingParameters"))
+
+
+def test_batching_parameters_example_and_server_flags_are_documented():
+    from google.protobuf import text_format
+
+    with open(os.path.join(ROOT, "export", "batching_parameters.txt")) as f:
+        parameters = text_format.Parse(f.read(), _batching_parameters_class()())  # no other fields
+    for name in ("max_batch_size", "batch_timeout_micros", "max_enqueued_batches",
+                 "num_batch_threads"):
+        assert parameters.HasField(name), name
+    assert parameters.max_batch_size.value >= 1 and parameters.num_batch_threads.value >= 1
+    assert parameters.max_enqueued_batches.value >= 1
+    # a digits certificate at n = 100,000 takes ≈ 0.5 s here (export/README.md §3.4):
+    # waiting up to 10 ms for batch-mates adds at most 2%
+    assert 0 <= parameters.batch_timeout_micros.value <= 10_000
+    with open(os.path.join(ROOT, "export", "README.md")) as f:
+        readme = f.read()
+    for flag in ("--enable_batching", "--batching_parameters_file=", "--rest_api_timeout_in_ms=",
+                 "--enable_model_warmup", "tf_serving_warmup_requests", "--serving_device=gpu"):
+        assert flag in readme, flag
 
 
 @pytest.mark.slow  # shares the ~1 min `served` setup
@@ -339,6 +522,8 @@ def test_cli_prints_signatures_and_versioned_path(exports):
     for name in export.SIGNATURES:
         assert f"signature_def['{name}']" in stdout
     assert "inputs['seed']: int64 (-1,)" in stdout and "outputs['radius']: float32 (-1,)" in stdout
+    assert f"pass_size={PASS_SIZE} (serving_device=gpu)" in stdout
+    assert f"warmup: {export.WARMUP_FILE}, one request per signature for model 'digits'" in stdout
 
 
 @pytest.mark.slow  # shares the ~1 min `served` setup
@@ -467,7 +652,8 @@ def test_export_argument_checks(tmp_path):
     smoothed = SmoothedClassifier(model, 10, GaussianNoise(SIGMA))
     path = str(tmp_path / "1")
     for kwargs, message in (({"bound": "lp"}, "unknown bound"), ({"alpha": 1.0}, "alpha"),
-                            ({"num_samples": 0}, "num_samples"), ({"pass_size": 0}, "pass_size")):
+                            ({"num_samples": 0}, "num_samples"), ({"pass_size": 0}, "pass_size"),
+                            ({"serving_device": "tpu"}, "serving_device")):
         args = {"num_samples": 10, "alpha": ALPHA, **kwargs}
         with pytest.raises(ValueError, match=message):
             export.export_saved_model(smoothed, path, **args)

@@ -25,9 +25,10 @@ Signatures (each takes ``images``: float32 ``[batch, H, W, C]`` in [0, 1], any b
     image's noise is keyed by its own seed (run key ``[seed, 0]``, image index 0, as
     `SmoothedClassifier.certify(image[None], seed=seed)` keys it), so its answer
     depends only on its image and its seed: identical on every call, whatever else is in
-    the batch (also under TF Serving's request batching), and equal to the Python API's.  TF Serving's row format needs
-    every input to share the batch dimension, and signature inputs cannot be optional,
-    hence separate signatures rather than an optional scalar seed.
+    the batch (also under TF Serving's request batching), and equal to the Python API's.
+    TF Serving's row format needs every input to share the batch dimension, and
+    signature inputs cannot be optional, hence separate signatures rather than an
+    optional scalar seed.
 
 Fresh noise: the unseeded signatures draw their run key from a
 ``RandomUniformInt`` op with zero seed attributes, which TensorFlow seeds from OS
@@ -39,11 +40,23 @@ Bad requests fail with ``InvalidArgument`` before any certificate is returned: w
 rank or image size, wrong dtype (the signature's TensorSpec), NaN/Inf, pixel values
 outside [0, 1], a ``seed`` whose length differs from the batch.
 
+Every input and output of every signature has a leading batch dimension (``-1``), as
+TF Serving's request batching (``--enable_batching``) needs: it concatenates the inputs
+of several requests along dimension 0 and splits every output along it.
+
 n, σ, α, the bound and the pass size are baked in; they are also attributes of the
 loaded object (``loaded.num_samples``, ``loaded.sigma`` (NaN for non-Gaussian noise),
-``loaded.alpha``, ``loaded.bound``, ...) and written to the asset
-``assets/tfcert_config.json``.  :func:`versioned_path` gives TF Serving's
+``loaded.alpha``, ``loaded.bound``, ``loaded.serving_device``, ...) and written to the
+asset ``assets/tfcert_config.json``.  The automatic pass size depends on the device the
+server runs on (:func:`serving_pass_size`).  :func:`versioned_path` gives TF Serving's
 ``<base>/<name>/<version>/`` layout.
+
+Warmup: ``assets.extra/tf_serving_warmup_requests`` holds one ``PredictionLog`` per
+signature (TF Serving's SavedModel warmup: a TFRecord file the server replays at load,
+so the first real request does not pay for graph optimisation and kernel creation).
+Each is a ``PredictRequest`` of one image of 0.5s (and seed 0): it costs what one such
+request costs, n noisy samples per certificate signature.  The records are encoded here
+(:func:`prediction_log`), so exporting needs TensorFlow only, not tensorflow-serving-api.
 """
 
 from __future__ import annotations
@@ -58,14 +71,20 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import tensorflow as tf
+from tensorflow.core.protobuf import meta_graph_pb2
 
 import tfcert
 from tfcert import stats
-from tfcert.smoothing import ABSTAIN, ESTIMATION, RADII, SmoothedClassifier, draw_keys
+from tfcert.smoothing import (ABSTAIN, ESTIMATION, GPU_PASS_MEMORY, MAX_PASS_SIZE, RADII,
+                              SmoothedClassifier, activation_bytes, draw_keys)
 
 BOUNDS = (*RADII, "none")
 CONFIG_ASSET = "tfcert_config.json"
 SIGNATURES = ("serving_default", "certify_seeded", "predict", "predict_seeded")
+SERVING_DEVICES = ("cpu", "gpu")
+# TF Serving's SavedModel warmup file (read at load when --enable_model_warmup, the default).
+WARMUP_FILE = "assets.extra/tf_serving_warmup_requests"
+WARMUP_PIXEL = 0.5  # every pixel of a warmup image (inside [0, 1], so the request is valid)
 # Ops that must never appear in an exported graph (SPEC §2): Python callbacks, XLA.
 FORBIDDEN_OPS = frozenset({"PyFunc", "PyFuncStateless", "EagerPyFunc", "XlaLaunch",
                            "_XlaCompile", "_XlaRun", "XlaCallModule"})
@@ -87,6 +106,9 @@ class ExportConfig:
         image_shape: (H, W, C).
         pass_size: noisy inputs per forward pass.
         noise: class name and Keras config of the noise layer.
+        serving_device: ``cpu`` or ``gpu``, the server's device the automatic pass size
+            was chosen for (:func:`serving_pass_size`).
+        model_name: TF Serving model name the warmup requests carry.
     """
 
     num_samples: int
@@ -98,6 +120,8 @@ class ExportConfig:
     image_shape: tuple[int, int, int]
     pass_size: int
     noise: dict
+    serving_device: str
+    model_name: str
 
     def to_json(self) -> dict:
         return {
@@ -116,6 +140,8 @@ class ExportConfig:
                            "at level alpha): prediction, counts, p_value",
                 "predict_seeded": "predict with seed (int64 [batch]) per image",
             },
+            "warmup": f"{WARMUP_FILE}: one PredictRequest per signature, one image of "
+                      f"{WARMUP_PIXEL} (and seed 0)",
         }
 
 
@@ -123,12 +149,14 @@ def export_saved_model(smoothed: SmoothedClassifier, path: str, num_samples: int
                        alpha: float, bound: str = "renyi", pass_size: int | None = None, *,
                        predict_num_samples: int | None = None,
                        image_shape: Sequence[int] | None = None,
+                       serving_device: str = "cpu", model_name: str | None = None,
                        metadata: Mapping[str, Any] | None = None) -> ExportConfig:
     """Writes ``smoothed`` as a TF Serving SavedModel at ``path`` (see the module docstring).
 
     The directory is written next to ``path`` under a temporary name, checked (no
-    forbidden ops, :data:`FORBIDDEN_OPS`) and renamed into place, so a TF Serving
-    instance watching the parent never sees a half-written version.
+    forbidden ops, :data:`FORBIDDEN_OPS`), given its warmup requests (:data:`WARMUP_FILE`)
+    and renamed into place, so a TF Serving instance watching the parent never sees a
+    half-written version.
 
     Args:
         smoothed: the smoothed classifier (base model, number of classes, noise layer).
@@ -139,9 +167,15 @@ def export_saved_model(smoothed: SmoothedClassifier, path: str, num_samples: int
         bound: ``"renyi"`` (STN Theorem 2), ``"cohen"``, ``"pixeldp"`` (ℓ2 radii; need
             `GaussianNoise`), or ``"none"`` (radius 0, e.g. for randomized
             discretization, whose certificate is the ℓ∞ KL bound of :mod:`tfcert.kl`).
-        pass_size: noisy inputs per forward pass (default: the classifier's).
+        pass_size: noisy inputs per forward pass (default: :func:`serving_pass_size`
+            for ``serving_device``).
         predict_num_samples: samples per image of ``predict`` (default ``num_samples``).
         image_shape: (H, W, C); default: the base model's input shape.
+        serving_device: ``"cpu"`` or ``"gpu"``, the device of the TF Serving server
+            (chooses the automatic pass size; recorded in the config asset).
+        model_name: TF Serving model name in the warmup requests (informational: the
+            server replays them on the version it loads); default: the name of
+            ``path``'s parent folder (``<base>/<name>/<version>``, :func:`versioned_path`).
         metadata: JSON-serialisable facts to record in the config asset (e.g. the
             model file and its hash).
 
@@ -154,9 +188,10 @@ def export_saved_model(smoothed: SmoothedClassifier, path: str, num_samples: int
     >>> path = tfcert.export.versioned_path("serving", "mnist")   # serving/mnist/1
     >>> tfcert.export.export_saved_model(sc, path, num_samples=100_000, alpha=0.001)
     """
-    config = _config(smoothed, num_samples, alpha, bound, pass_size, predict_num_samples,
-                     image_shape)
     path = os.path.abspath(path)
+    config = _config(smoothed, num_samples, alpha, bound, pass_size, predict_num_samples,
+                     image_shape, serving_device,
+                     model_name or os.path.basename(os.path.dirname(path)))
     if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
         raise FileExistsError(f"{path} already exists; choose a new version directory")
     parent = os.path.dirname(path)
@@ -174,6 +209,7 @@ def export_saved_model(smoothed: SmoothedClassifier, path: str, num_samples: int
         if bad:
             raise ValueError(f"the exported graph contains ops TF Serving must not run: "
                              f"{sorted(bad)} (Python functions or XLA in the base model?)")
+        write_warmup_requests(saved, config.model_name)
         if os.path.isdir(path):
             os.rmdir(path)
         os.rename(saved, path)
@@ -195,6 +231,58 @@ def versioned_path(base_dir: str, name: str, version: int | None = None) -> str:
     if int(version) < 0:
         raise ValueError(f"version must be >= 0, got {version}")
     return os.path.join(model_dir, str(int(version)))
+
+
+def serving_pass_size(smoothed: SmoothedClassifier, image_shape: Sequence[int],
+                      serving_device: str = "cpu") -> int:
+    """The automatic pass size (noisy inputs per forward pass) for a server on this device.
+
+    An explicit ``batch_size`` of the classifier wins.  Otherwise, ``cpu``: the
+    classifier's own rule, `SmoothedClassifier.pass_size` (the exporting machine's
+    last-level CPU cache over the model's activation bytes per input: serve on a CPU like
+    the exporting one; on an exporting machine with a GPU that rule takes the GPU budget,
+    so pass an explicit size there); ``gpu``: ``GPU_PASS_MEMORY`` (256 MiB) over
+    `tfcert.smoothing.activation_bytes` of one input, whatever the exporting machine
+    has.  Both are clipped to [1, ``MAX_PASS_SIZE``].
+    """
+    _check_serving_device(serving_device)
+    if serving_device == "cpu" or smoothed.batch_size:
+        return smoothed.pass_size(image_shape)
+    per_input = activation_bytes(smoothed.inference_model, tuple(int(d) for d in image_shape))
+    return int(np.clip(GPU_PASS_MEMORY // per_input, 1, MAX_PASS_SIZE))
+
+
+def write_warmup_requests(path: str, model_name: str) -> None:
+    """Writes :data:`WARMUP_FILE` into the SavedModel at ``path``: one ``PredictionLog``
+    per signature (sorted by name), each a request for one image of
+    :data:`WARMUP_PIXEL` (and seed 0), its inputs built from the saved signature defs."""
+    (meta_graph,) = _graph_defs(path)
+    names = sorted(k for k in meta_graph.signature_def if not k.startswith("__"))
+    os.makedirs(os.path.dirname(os.path.join(path, WARMUP_FILE)), exist_ok=True)
+    with tf.io.TFRecordWriter(os.path.join(path, WARMUP_FILE)) as writer:
+        for name in names:
+            inputs = {key: _warmup_tensor(info)
+                      for key, info in meta_graph.signature_def[name].inputs.items()}
+            writer.write(prediction_log(model_name, name, inputs))
+
+
+def prediction_log(model_name: str, signature_name: str,
+                   inputs: Mapping[str, np.ndarray]) -> bytes:
+    """A serialized ``tensorflow.serving.PredictionLog`` holding a ``PredictRequest``.
+
+    Encoded directly in the protobuf wire format (so TensorFlow alone suffices), with
+    the field numbers of tensorflow_serving/apis: ``PredictionLog.predict_log`` = 6,
+    ``PredictLog.request`` = 1, ``PredictRequest.model_spec`` = 1 and ``.inputs`` = 2
+    (a map: entries of key = 1, value = 2, a ``TensorProto``), ``ModelSpec.name`` = 1
+    and ``.signature_name`` = 3.  tests/test_export.py parses the records with
+    tensorflow-serving-api's own ``PredictionLog``.
+    """
+    spec = _field(1, model_name.encode()) + _field(3, signature_name.encode())
+    entries = b"".join(
+        _field(2, _field(1, key.encode()) +
+               _field(2, tf.make_tensor_proto(value).SerializeToString()))
+        for key, value in sorted(inputs.items()))
+    return _field(6, _field(1, _field(1, spec) + entries))
 
 
 def read_config(path: str) -> dict:
@@ -253,9 +341,40 @@ def signature_summary(path: str) -> str:
 
 
 # ------------------------------------------------------------------- internals
+def _check_serving_device(serving_device: str) -> None:
+    if serving_device not in SERVING_DEVICES:
+        raise ValueError(f"serving_device must be one of {SERVING_DEVICES}, got "
+                         f"{serving_device!r}")
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field (wire type 2): tag, length, payload."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _varint(value: int) -> bytes:
+    """Base-128 varint of a non-negative integer (protobuf wire format)."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _warmup_tensor(info: meta_graph_pb2.TensorInfo) -> np.ndarray:
+    """A valid warmup value of a signature input (a ``TensorInfo``): batch 1, pixels of
+    :data:`WARMUP_PIXEL` for float inputs, zeros (seed 0) for integer ones."""
+    dtype = tf.dtypes.as_dtype(info.dtype)
+    shape = [1 if d.size < 0 else d.size for d in info.tensor_shape.dim]
+    return np.full(shape, WARMUP_PIXEL if dtype.is_floating else 0, dtype.as_numpy_dtype)
+
+
 def _config(smoothed: SmoothedClassifier, num_samples: int, alpha: float, bound: str,
             pass_size: int | None, predict_num_samples: int | None,
-            image_shape: Sequence[int] | None) -> ExportConfig:
+            image_shape: Sequence[int] | None, serving_device: str,
+            model_name: str) -> ExportConfig:
+    _check_serving_device(serving_device)
     if not isinstance(smoothed, SmoothedClassifier):
         raise TypeError(f"expected a SmoothedClassifier, got {type(smoothed).__name__}")
     if bound not in BOUNDS:
@@ -278,9 +397,10 @@ def _config(smoothed: SmoothedClassifier, num_samples: int, alpha: float, bound:
         num_samples=int(num_samples), predict_num_samples=int(predict_num_samples),
         alpha=float(alpha), bound=bound, sigma=None if sigma is None else float(sigma),
         num_classes=smoothed.num_classes, image_shape=tuple(int(d) for d in image_shape),
-        pass_size=int(pass_size or smoothed.pass_size(image_shape)),
+        pass_size=int(pass_size or serving_pass_size(smoothed, image_shape, serving_device)),
         noise={"class_name": type(smoothed.noise).__name__,
-               "config": smoothed.noise.get_config()})
+               "config": smoothed.noise.get_config()},
+        serving_device=serving_device, model_name=model_name)
 
 
 def _serving_module(smoothed: SmoothedClassifier, config: ExportConfig,
@@ -296,7 +416,8 @@ def _serving_module(smoothed: SmoothedClassifier, config: ExportConfig,
                                 tf.float64),
                                ("bound", config.bound, tf.string),
                                ("num_classes", config.num_classes, tf.int64),
-                               ("pass_size", config.pass_size, tf.int64)):
+                               ("pass_size", config.pass_size, tf.int64),
+                               ("serving_device", config.serving_device, tf.string)):
         setattr(module, name, tf.Variable(value, dtype=dtype, trainable=False, name=name))
 
     images_spec = tf.TensorSpec([None, *config.image_shape], tf.float32, name="images")
