@@ -14,7 +14,8 @@ Prints a report (docs/PERFORMANCE.md shows one with the machine it ran on):
    ``TensorFlowV2RandomizedSmoothing.certify`` (if installed), and a naive loop (one
    eager model call per noisy sample);
 3. bare float32 throughput per pass size (the basis of the automatic pass size);
-4. training step time: STN (`StabilityModel`) vs standard training;
+4. training cost of every objective (standard, gaussian, stn, consistency, macer,
+   smoothadv, pgd, trades): seconds per step and per epoch, and the ratio to standard;
 5. radius computation time for 10,000 images;
 6. export signature latency for one image at n = 1,000 and 10,000 (if
    `tfcert.export` is importable);
@@ -52,10 +53,28 @@ flags.DEFINE_integer("passes", 32, "Full passes per method and round in section 
 flags.DEFINE_integer("pass_size", None, "Noisy inputs per pass (default: the automatic size).")
 flags.DEFINE_integer("naive_samples", 64, "Noisy samples of the naive per-sample loop.",
                      lower_bound=1)
-flags.DEFINE_integer("num_images", 100, "Test images of section 7.", lower_bound=1)
-flags.DEFINE_integer("num_samples", 2000, "n of the fixed-n certificates of section 7 (and the "
-                     "most samples of early stopping).", lower_bound=1)
-flags.DEFINE_float("target_radius", 0.5, "Target radius of early stopping (Rényi bound).")
+flags.DEFINE_integer("num_images", 100, "Test images of the bfloat16 comparison of section 7.",
+                     lower_bound=1)
+flags.DEFINE_integer("num_samples", 2000, "n of the bfloat16 comparison of section 7.",
+                     lower_bound=1)
+flags.DEFINE_bool("precision_comparison", True, "Section 7 compares bfloat16 with float32 "
+                  "certificates (before the early-stopping table).")
+flags.DEFINE_float("target_radius", 0.5, "Section 7 early stopping: target radius (first of "
+                   "--early_bounds).", lower_bound=0.0)
+flags.DEFINE_string("early_model", None, "Section 7 early stopping: model (default: --model).")
+flags.DEFINE_string("early_dataset", "mnist_subset", "Section 7 early stopping: dataset whose "
+                    "first --early_images test images are certified.")
+flags.DEFINE_float("early_sigma", None, "Section 7 early stopping: σ (default: --sigma).")
+flags.DEFINE_integer("early_images", 200, "Section 7 early stopping: test images.", lower_bound=1)
+flags.DEFINE_integer("early_max_samples", 10_000, "Section 7 early stopping: n of the fixed-n "
+                     "reference run, and the most samples per image of early stopping.",
+                     lower_bound=1)
+flags.DEFINE_list("early_methods", ["mixture", "betting", "checkpoints"],
+                  "Section 7 early stopping: methods (tfcert.sequential.METHODS).")
+flags.DEFINE_enum("early_statistics", "simultaneous", ["simultaneous", "cohen"],
+                  "Section 7 early stopping: statistics of every run.")
+flags.DEFINE_list("early_bounds", ["renyi", "cohen"], "Section 7 early stopping: radii; the "
+                  "first is compared with --target_radius.")
 flags.DEFINE_float("alpha", 0.001, "α of the certificates.")
 flags.DEFINE_list("export_samples", ["1000", "10000"], "n of the export latency rows.")
 flags.DEFINE_bool("quick", False, "Tiny workloads: checks that every section runs.")
@@ -278,31 +297,38 @@ def pass_size_throughput(model) -> dict:
 
 
 def training_steps() -> dict:
-    """[4] seconds per training step (batch 128): standard vs STN (σ, γ = 1)."""
+    """[4] training cost of every objective: seconds per step (batch 128, stn_mnist) and
+    per 4,000-image epoch (mnist_subset's train split), each at its class defaults, σ."""
     import keras
-    import numpy as np
 
-    from tfcert import models, training
+    from tfcert import adversarial_training, models, training
 
     x, y = _test_images(128)
-    steps = 2 if FLAGS.quick else 8
+    steps = 1 if FLAGS.quick else 4
     work = {}
-    for method in ("standard", "stn"):
+    for method in (*training.TRAINING_METHODS, *adversarial_training.ADVERSARIAL_METHODS):
         keras.utils.set_random_seed(0)
-        model = training.wrap(models.stn_mnist(IMAGE_SHAPE, 10), method, FLAGS.sigma, 1.0, seed=0)
+        base = models.stn_mnist(IMAGE_SHAPE, 10)
+        model = (adversarial_training.wrap(base, method, eps=0.3, seed=0)
+                 if method in adversarial_training.ADVERSARIAL_METHODS
+                 else training.wrap(base, method, FLAGS.sigma, seed=0))
         model.compile(optimizer=keras.optimizers.Adam(1e-3),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                       metrics=["accuracy"])
-        work[f"{method} training"] = (
-            lambda model=model: [model.train_on_batch(x, y) for _ in range(steps)], 128 * steps)
+        work[method] = (lambda model=model: [model.train_on_batch(x, y) for _ in range(steps)],
+                        128 * steps)
     rates = _interleaved(work, FLAGS.rounds)
-    seconds = {name: 128 / np.array(r["samples_per_s"]) for name, r in rates.items()}
-    ratio = 1.0 / rates["stn training"]["ratio_to_reference"]
-    print(f"\n[4] training step (batch 128): standard "
-          f"{np.median(seconds['standard training']):.3f} s, STN "
-          f"{np.median(seconds['stn training']):.3f} s; STN / standard = {ratio:.2f}x "
-          "(median of per-round ratios)")
-    return {"rates": rates, "stn_over_standard": ratio}
+    print(f"\n[4] training cost per objective (stn_mnist, batch 128, σ = {FLAGS.sigma}, class "
+          "defaults; median of rounds)")
+    print(f"    {'method':12s} {'s/step':>8s} {'s/epoch (4,000 images)':>24s} {'x standard':>11s}")
+    out = {}
+    for name, r in rates.items():
+        step = 128 / r["median_samples_per_s"]
+        out[name] = {"seconds_per_step": step, "seconds_per_4000_images": step * 4000 / 128,
+                     "times_standard": 1.0 / r["ratio_to_reference"]}
+        print(f"    {name:12s} {step:8.3f} {step * 4000 / 128:24.1f} "
+              f"{out[name]['times_standard']:11.2f}")
+    return {"rates": rates, "objectives": out}
 
 
 def bound_speed() -> dict:
