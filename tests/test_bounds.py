@@ -1,5 +1,6 @@
 """Tests of tfcert.bounds: Rényi (STN Theorem 2), Cohen and PixelDP radii, Gaussian KL bound."""
 
+import mpmath
 import numpy as np
 import pytest
 import scipy.optimize
@@ -61,6 +62,131 @@ def test_renyi_matches_brute_force_optimiser():
     p1, p2 = p1[keep], p2[keep]
     expected = [reference_renyi(a, b) for a, b in zip(p1, p2)]
     np.testing.assert_allclose(bounds.renyi_radius(p1, p2, 1.0), expected, rtol=1e-6)
+
+
+# 110 digits: the reference evaluates 1 − D with D down to ~1e-60 and raises to powers
+# 1/(α − 1) up to e^45, which cost ~60 and ~20 digits; > 25 correct digits remain.
+MP_DIGITS = 110
+
+
+def mp_exponent(gamma, p1, p2):
+    """STN Theorem 2 exponent −(1/α) log(1 − p1 − p2 + 2 M_{1−α}) at α = 1 + gamma, in
+    MP_DIGITS-digit arithmetic, for the exact values of the float64 inputs."""
+    with mpmath.workdps(MP_DIGITS):
+        p1, p2, gamma = mpmath.mpf(p1), mpmath.mpf(p2), mpmath.mpf(gamma)
+        mean = 0 if p2 == 0 else ((p1 ** -gamma + p2 ** -gamma) / 2) ** (-1 / gamma)
+        return -mpmath.log(1 - p1 - p2 + 2 * mean) / (1 + gamma)
+
+
+def mp_renyi(p1, p2):
+    """sup over α > 1 of the radius at σ = 1 in MP_DIGITS digits: grid in t = log(α − 1)
+    over [−45, 12] (wider than renyi_radius' [−40, 10]), 90 golden-section steps (the
+    bracket shrinks to < 1e-19 in t, i.e. ~1e-38 in the flat objective) and the α → 1
+    limit −log(1 − (√p1 − √p2)²)."""
+    with mpmath.workdps(MP_DIGITS):
+        def f(t):
+            return mp_exponent(mpmath.exp(t), p1, p2)
+
+        grid = [mpmath.mpf(t) for t in np.linspace(-45.0, 12.0, 200)]
+        values = [f(t) for t in grid]
+        best = max(range(len(grid)), key=lambda i: values[i])
+        low, high = grid[max(best - 1, 0)], grid[min(best + 1, len(grid) - 1)]
+        ratio = (mpmath.sqrt(5) - 1) / 2
+        c, d = high - ratio * (high - low), low + ratio * (high - low)
+        fc, fd = f(c), f(d)
+        for _ in range(90):
+            if fc > fd:
+                high, d, fd = d, c, fc
+                c = high - ratio * (high - low)
+                fc = f(c)
+            else:
+                low, c, fc = c, d, fd
+                d = low + ratio * (high - low)
+                fd = f(d)
+        limit = -mpmath.log(1 - (mpmath.sqrt(mpmath.mpf(p1)) - mpmath.sqrt(mpmath.mpf(p2))) ** 2)
+        return mpmath.sqrt(2 * max(values[best], fc, fd, limit))
+
+
+# Near-ties (issue 11 item 5: 1.05e-8 returned for a true 2.0e-9 at (0.5 + 1e-9, 0.5 − 1e-9);
+# relative error 1.8e-7 at (0.2, 0.19999)), tiny p2, p1 near 1, tiny p1 + p2.
+RENYI_HARD_CASES = [(0.5, 0.5 - 1e-9), (0.5 + 1e-9, 0.5 - 1e-9), (0.2, 0.19999),
+                    (0.2, 0.2 - 1e-7), (0.3, 0.3 - 1e-12), (0.45, 0.45 - 1e-15),
+                    (0.01, 0.0099), (1e-5, 0.99e-5), (0.7, 0.3 - 1e-8), (0.999999, 1e-7),
+                    (0.999999999, 0.0), (0.5, 1e-300), (0.5, 1e-20), (1e-12, 5e-13)]
+
+# Documented relative error of renyi_radius below the exact supremum: the 2^-40 rounding
+# down of the exponent is 4.5e-13 on the radius; the search itself converges far below.
+RENYI_RTOL = 1e-12
+
+
+def test_renyi_radius_never_above_mpmath_and_within_documented_error():
+    points = list(RENYI_REFERENCE) + RENYI_HARD_CASES
+    p1, p2 = np.array(points).T
+    got = bounds.renyi_radius(p1, p2, 1.0).numpy()
+    for (a, b), radius in zip(points, got):
+        exact = mp_renyi(a, b)
+        # Sound with no slack: mpmath's supremum is converged to ~1e-38 relative.
+        assert mpmath.mpf(radius) <= exact, (a, b, radius, exact)
+        assert mpmath.mpf(radius) >= exact * (1 - RENYI_RTOL), (a, b, radius, exact)
+
+
+def test_renyi_exponent_rounding_error_is_covered_by_the_margin():
+    """Each evaluation of the exponent must be within its error analysis (50 ulp ≈
+    1.1e-14, bounds._RENYI_ROUNDING's comment), 80x below the rounding-down margin."""
+    rng = np.random.default_rng(4)
+    size = 300
+    p1 = rng.uniform(0.0, 1.0, size)
+    p2 = rng.uniform(size=size) * np.minimum(p1, 1.0 - p1)
+    tie = np.arange(size) % 3 == 1  # relative gaps 1e-15 .. 1e-2
+    p2 = np.where(tie, p1 * (1.0 - np.exp(rng.uniform(np.log(1e-15), np.log(1e-2), size))), p2)
+    p2 = np.where(np.arange(size) % 3 == 2, np.exp(rng.uniform(-700.0, -5.0, size)), p2)
+    t = rng.uniform(bounds._T_MIN, bounds._T_MAX, size)
+    p1c, p2c = (v.numpy() for v in bounds._probabilities(p1, p2))
+    got = bounds._renyi_exponent(tf.constant(t), bounds._renyi_terms(p1c, p2c)).numpy()
+    gamma = tf.exp(tf.constant(t)).numpy()  # α − 1 exactly as the float64 code evaluated it
+    for a, b, g, value in zip(p1c, p2c, gamma, got):
+        exact = mp_exponent(g, a, b)
+        assert abs(mpmath.mpf(value) - exact) <= 1.1e-14 * abs(exact), (a, b, g)
+    assert 1.1e-14 * 80 <= bounds._RENYI_ROUNDING
+
+
+def test_cohen_radius_never_above_mpmath():
+    """Near ties Φ⁻¹(p1) − Φ⁻¹(p2) cancels (the plain float64 difference overshot by up to
+    6.5e-16 σ, 11% of such a radius): the radius must stay at or below the exact value."""
+    rng = np.random.default_rng(6)
+    p1 = rng.uniform(0.01, 0.999, 300)
+    p2 = rng.uniform(size=300) * np.minimum(p1, 1.0 - p1)
+    tie = np.arange(300) % 2 == 1  # relative gaps 1e-15 .. 1e-2
+    p2 = np.where(tie, p1 * (1.0 - np.exp(rng.uniform(np.log(1e-15), np.log(1e-2), 300))), p2)
+    got = bounds.cohen_radius(p1, p2, 1.0).numpy()
+    p1c, p2c = (v.numpy() for v in bounds._probabilities(p1, p2))
+    with mpmath.workdps(50):
+        exact = [(mpmath.erfinv(2 * mpmath.mpf(a) - 1) - mpmath.erfinv(2 * mpmath.mpf(b) - 1))
+                 / mpmath.sqrt(2) for a, b in zip(p1c, p2c)]
+    assert all(mpmath.mpf(g) <= e for g, e in zip(got, exact))
+    # The rounding-down is 2^-46 (|Φ⁻¹(p1)| + |Φ⁻¹(p2)|) <= 2^-46 · 6.2 ≈ 9e-14 here.
+    np.testing.assert_allclose(got, np.array(exact, np.float64), rtol=0, atol=1e-13)
+
+
+def test_pixeldp_uses_only_pairs_the_exact_condition_accepts():
+    """p1 within 4e-16 (relative) of the threshold e^{2ε} p2 + (1 + e^ε) δ of a grid pair:
+    the float64 condition must not accept a pair that exact arithmetic rejects."""
+    eps_grid, delta_grid = np.array([0.1, 0.5, 1.0]), np.array([1e-6, 1e-3, 0.05])
+    rng = np.random.default_rng(8)
+    e = rng.choice(eps_grid, 120)
+    d = rng.choice(delta_grid, 120)
+    p2 = rng.uniform(0.0, 0.08, 120)
+    threshold = np.exp(2 * e) * p2 + (1 + np.exp(e)) * d
+    p1 = threshold * (1 + rng.uniform(-4e-16, 4e-16, 120))
+    got = bounds.pixeldp_radius(p1, p2, 1.0, eps_grid=eps_grid, delta_grid=delta_grid).numpy()
+    with mpmath.workdps(40):
+        pairs = [(mpmath.mpf(ee), mpmath.mpf(dd)) for ee in eps_grid for dd in delta_grid]
+        for a, b, radius in zip(p1, p2, got):
+            a, b = mpmath.mpf(a), min(mpmath.mpf(b), 1 - mpmath.mpf(a))  # the cap p2 <= 1 - p1
+            exact = max([ee / mpmath.sqrt(2 * mpmath.log(mpmath.mpf(1.25) / dd))
+                         for ee, dd in pairs
+                         if a > mpmath.exp(2 * ee) * b + (1 + mpmath.exp(ee)) * dd], default=0)
+            assert mpmath.mpf(radius) <= exact, (a, b, radius, exact)
 
 
 def test_renyi_objective_is_unimodal_in_alpha():
