@@ -172,3 +172,10 @@ def test_sampling_runs_in_one_graph_for_large_n():
     counts = sc.sample_counts(np.full((3, *SHAPE), 0.9, np.float32), 50_000, seed=0)
     np.testing.assert_array_equal(counts.sum(axis=1), 50_000)
     assert sc._count_fn.experimental_get_tracing_count() == 1
+
+
+def test_radii_use_the_sigma_the_noise_is_drawn_with():
+    """σ = 0.12 is 0.11999999731779099 in float32, the σ of the noise actually added:
+    radii computed with the float64 0.12 would be 2.2e-8 relatively too large."""
+    sc = SmoothedClassifier(linear_model(np.ones(16) / 4, -2.0), 2, GaussianNoise(0.12))
+    assert sc.sigma == float(np.float32(0.12)) < 0.12

@@ -239,12 +239,14 @@ class SmoothedClassifier:
 
     @property
     def sigma(self) -> float:
-        """σ of the Gaussian noise (the scale of the ℓ2 radii)."""
+        """σ of the Gaussian noise as it is drawn (the float32 value of ``stddev``): the
+        scale of the ℓ2 radii.  A float64 σ above its float32 rounding would overstate
+        the radii by up to 6e-8 relatively."""
         if not isinstance(self.noise, GaussianNoise):
             raise ValueError(
                 "ℓ2 radii (renyi/cohen/pixeldp) need GaussianNoise; for randomized "
                 "discretization use the KL certificate of tfcert.kl")
-        return self.noise.stddev
+        return float(np.float32(self.noise.stddev))
 
     # ----------------------------------------------------------------- sampling
     def pass_size(self, image_shape: Sequence[int]) -> int:
