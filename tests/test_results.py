@@ -28,13 +28,53 @@ def test_header_mismatch_is_refused(tmp_path):
         results.ResultTable(path, ["index", "b"], "index")
 
 
-def test_run_dir_refuses_other_settings_but_allows_others_to_change(tmp_path):
+def test_run_dir_refuses_other_settings_but_allows_operational_ones_to_change(tmp_path):
     out = str(tmp_path / "run")
-    results.prepare_run_dir(out, {"sigma": 0.5, "batch_size": 10}, ["sigma"])
-    results.prepare_run_dir(out, {"sigma": 0.5, "batch_size": 99}, ["sigma"])
+    results.prepare_run_dir(out, {"sigma": 0.5, "batch_size": 10}, ["batch_size"])
+    results.prepare_run_dir(out, {"sigma": 0.5, "batch_size": 99}, ["batch_size"])
     assert json.load(open(f"{out}/config.json"))["batch_size"] == 99
-    with pytest.raises(results.RunConfigMismatchError, match="sigma: 0.5 -> 0.25"):
-        results.prepare_run_dir(out, {"sigma": 0.25}, ["sigma"])
+    before = open(f"{out}/config.json").read()
+    # every setting not declared operational is compared, also one never seen before
+    for config, shown in (({"sigma": 0.25, "batch_size": 99}, r"--sigma \(0.5 -> 0.25\)"),
+                          ({"sigma": 0.5, "split": "train"}, r"--split \(None -> train\)")):
+        with pytest.raises(results.RunConfigMismatchError, match=shown):
+            results.prepare_run_dir(out, config, ["batch_size"])
+    assert open(f"{out}/config.json").read() == before  # refused runs write nothing
+
+
+def test_settings_an_older_run_did_not_record_take_their_defaults(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"sigma": 0.5}))
+    results.prepare_run_dir(str(out), {"sigma": 0.5, "split": "test"}, [], {"split": "test"})
+    with pytest.raises(results.RunConfigMismatchError, match=r"--split \(test -> train\)"):
+        results.prepare_run_dir(str(out), {"sigma": 0.5, "split": "train"}, [],
+                                {"split": "test"})
+
+
+def test_a_refused_run_creates_no_folder(tmp_path):
+    """The check comes before any write: a mismatch leaves the file system as it was."""
+    out = tmp_path / "run"
+    results.prepare_run_dir(str(out), {"sigma": 0.5}, [])
+    (out / "config.json").write_text("{not json")
+    with pytest.raises(results.RunConfigMismatchError, match="corrupt"):
+        results.prepare_run_dir(str(out), {"sigma": 0.5}, [])
+    assert (out / "config.json").read_text() == "{not json"
+
+
+def test_a_second_writer_is_refused(tmp_path):
+    lock = results.lock_run_dir(str(tmp_path))
+    with pytest.raises(results.RunConfigMismatchError, match="another process"):
+        results.lock_run_dir(str(tmp_path))
+    lock.close()
+    results.lock_run_dir(str(tmp_path)).close()  # free again once the first one is gone
+
+
+def test_duplicate_keys_count_once(tmp_path):
+    path = tmp_path / "r.tsv"
+    path.write_text("index\tvalue\n0\ta\n1\tb\n0\tc\n")
+    table = results.ResultTable(str(path), ["index", "value"], "index")
+    assert [r["value"] for r in table.rows] == ["a", "b"]
 
 
 def test_cells_cannot_break_the_format(tmp_path):
