@@ -91,6 +91,7 @@ def local_predict(saved_model_dir: str, body: dict) -> dict:
     run, and the outputs are returned as ``predictions`` (one object per row) or
     ``outputs``.  A failed request returns ``{"error": message}`` as the server does.
     """
+    _import_tensorflow_quietly()
     import tensorflow as tf
 
     signature = _load(saved_model_dir).signatures[body.get("signature_name", "serving_default")]
@@ -140,6 +141,15 @@ def main(argv: list[str] | None = None) -> None:
     except RuntimeError as err:
         sys.exit(f"error: {err}")
     print_rows(outputs)
+
+
+def _import_tensorflow_quietly() -> None:
+    """TensorFlow without its C++ start-up lines where tfcert is installed (else as is)."""
+    try:
+        from tfcert import cli
+    except ImportError:
+        return
+    cli.import_tensorflow_quietly()
 
 
 if __name__ == "__main__":

@@ -18,6 +18,6 @@ SIGMA=0.5
   --bound=renyi --base_dir=runs/demo/serving --name=tfcert_mnist
 # A TF Serving REST request for three test digits, answered in-process by the exported model
 # (the server itself is not installable here; see export/README.md for serving it).
-"$PY" -c "import numpy as np; from tfcert import data; np.save('runs/demo/images.npy', data.load_arrays('mnist_subset', 'test')[0][:3])"
+"$PY" -c "from tfcert import cli; cli.import_tensorflow_quietly(); import numpy as np; from tfcert import data; np.save('runs/demo/images.npy', data.load_arrays('mnist_subset', 'test')[0][:3])"
 "$PY" export/client_rest.py --images=runs/demo/images.npy --signature=certify_seeded --seed 1 2 3 \
   --model=tfcert_mnist --local=runs/demo/serving/tfcert_mnist/1
