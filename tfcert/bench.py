@@ -20,7 +20,9 @@ Prints a report (docs/PERFORMANCE.md shows one with the machine it ran on):
 6. export signature latency for one image at n = 1,000 and 10,000 (if
    `tfcert.export` is importable);
 7. with a trained model: bfloat16 vs float32 certificates on the same noise (paired
-   seeds), and early stopping (`tfcert.sequential`) vs fixed n at a target radius.
+   seeds), and early stopping (`tfcert.sequential`, every method) vs one fixed-n run at
+   a target radius on the same images and seed (``--early_*`` flags: any model and
+   dataset, e.g. digits).
 
 ``--quick`` shrinks every workload (a smoke test, not a measurement).
 """
@@ -81,6 +83,7 @@ flags.DEFINE_bool("quick", False, "Tiny workloads: checks that every section run
 flags.DEFINE_string("output_json", None, "Also write every number to this JSON file.")
 
 IMAGE_SHAPE = (28, 28, 1)
+EARLY_STOPPING_SEED = 2  # noise seed of every run of the early-stopping table
 
 
 def main(argv: list[str]) -> None:
@@ -381,11 +384,18 @@ def export_latency(model) -> dict:
 
 
 def certification(model) -> dict:
-    """[7] trained model: bfloat16 vs float32 certificates, early stopping vs fixed n."""
+    """[7] trained model: bfloat16 vs float32 certificates (``--precision_comparison``),
+    then early stopping (every method of ``--early_methods``) vs one fixed-n run."""
+    out = {"precision": precision_comparison(model)} if FLAGS.precision_comparison else {}
+    early = cli.load_model(FLAGS.early_model) if FLAGS.early_model else model
+    return {**out, "early_stopping": early_stopping_comparison(early)}
+
+
+def precision_comparison(model) -> dict:
+    """[7] bfloat16 vs float32 certificates of the same images on the same noise."""
     import numpy as np
 
     from tfcert.layers import GaussianNoise
-    from tfcert.sequential import EarlyStopping, certify_sequential
     from tfcert.smoothing import SmoothedClassifier
 
     x, y = _test_images(FLAGS.num_images)
@@ -396,63 +406,96 @@ def certification(model) -> dict:
         start = time.perf_counter()
         runs[dtype] = smoothed.certify(x, n, alpha, ("renyi", "cohen"), seed=1)
         seconds[dtype] = time.perf_counter() - start
-    rule = EarlyStopping(target)
-    start = time.perf_counter()
-    runs["early stopping"] = certify_sequential(
-        SmoothedClassifier(model, 10, GaussianNoise(FLAGS.sigma)), x, n, rule, alpha,
-        ("renyi", "cohen"), seed=2)
-    seconds["early stopping"] = time.perf_counter() - start
-
-    def at_target(cert) -> float:
-        return float(np.mean((cert.prediction == y) & (cert.radius >= target)))
-
-    f32, bf16, seq = runs["float32"], runs["bfloat16"], runs["early stopping"]
+    f32, bf16 = runs["float32"], runs["bfloat16"]
+    accuracy = {k: float(np.mean((c.prediction == y) & (c.radius >= target)))
+                for k, c in runs.items()}
     flipped = np.abs(bf16.counts - f32.counts).sum() / 2 / f32.counts.sum()
     out = {
         "images": len(x), "num_samples": n, "alpha": alpha, "sigma": FLAGS.sigma,
-        "target_radius": target,
-        "seconds": seconds,
+        "target_radius": target, "seconds": seconds,
         "samples_per_s": {k: float(runs[k].num_samples.sum() / seconds[k]) for k in runs},
-        "certified_accuracy_at_target": {k: at_target(c) for k, c in runs.items()},
-        "clean_accuracy": {k: float(np.mean(c.prediction == y)) for k, c in runs.items()},
-        "abstained": {k: float(np.mean(c.prediction < 0)) for k, c in runs.items()},
-        "bf16_vs_f32": {
-            "prediction_agreement": float(np.mean(bf16.prediction == f32.prediction)),
-            "votes_changed": float(flipped),
-            "mean_abs_radius_change": float(np.mean(np.abs(bf16.radius - f32.radius))),
-            "max_abs_radius_change": float(np.max(np.abs(bf16.radius - f32.radius))),
-            "mean_radius": {"float32": float(f32.radius.mean()),
-                            "bfloat16": float(bf16.radius.mean())},
-        },
-        "early_stopping": {
-            "rule": {"first_checkpoint": rule.first_checkpoint, "growth": rule.growth,
-                     "final_share": rule.final_share, "futility_level": rule.futility_level},
-            "samples_fixed": int(f32.num_samples.sum()),
-            "samples_sequential": int(seq.num_samples.sum()),
-            "savings": float(f32.num_samples.sum() / seq.num_samples.sum()),
-            "samples_per_image": np.unique(seq.num_samples, return_counts=True)[0].tolist(),
-            "images_per_stop": np.unique(seq.num_samples, return_counts=True)[1].tolist(),
-            "time_savings": seconds["float32"] / seconds["early stopping"],
-        },
+        "certified_accuracy_at_target": accuracy,
+        "prediction_agreement": float(np.mean(bf16.prediction == f32.prediction)),
+        "votes_changed": float(flipped),
+        "mean_abs_radius_change": float(np.mean(np.abs(bf16.radius - f32.radius))),
+        "max_abs_radius_change": float(np.max(np.abs(bf16.radius - f32.radius))),
+        "mean_radius": {"float32": float(f32.radius.mean()), "bfloat16": float(bf16.radius.mean())},
     }
-    acc = out["certified_accuracy_at_target"]
-    cmp = out["bf16_vs_f32"]
-    es = out["early_stopping"]
     print(f"\n[7] trained model, {len(x)} test images, n = {n}, α = {alpha}, σ = {FLAGS.sigma}")
     print(f"    float32 certify  {seconds['float32']:7.1f} s, certified accuracy at r = "
-          f"{target} (Rényi) {100 * acc['float32']:.1f}%")
+          f"{target} (Rényi) {100 * accuracy['float32']:.1f}%")
     print(f"    bfloat16 certify {seconds['bfloat16']:7.1f} s, certified accuracy "
-          f"{100 * acc['bfloat16']:.1f}%; same noise as float32: predictions agree "
-          f"{100 * cmp['prediction_agreement']:.1f}%, votes changed "
-          f"{100 * cmp['votes_changed']:.2f}%, |Δ radius| mean {cmp['mean_abs_radius_change']:.4f}"
-          f" max {cmp['max_abs_radius_change']:.4f}")
-    print(f"    early stopping   {seconds['early stopping']:7.1f} s, certified accuracy "
-          f"{100 * acc['early stopping']:.1f}%; samples {es['samples_sequential']} vs "
-          f"{es['samples_fixed']} fixed: {es['savings']:.2f}x fewer "
-          f"({es['time_savings']:.2f}x less time)")
-    print("    images stopped at n = " + ", ".join(
-        f"{s}: {c}" for s, c in zip(es["samples_per_image"], es["images_per_stop"])))
+          f"{100 * accuracy['bfloat16']:.1f}%; same noise as float32: predictions agree "
+          f"{100 * out['prediction_agreement']:.1f}%, votes changed "
+          f"{100 * out['votes_changed']:.2f}%, |Δ radius| mean {out['mean_abs_radius_change']:.4f}"
+          f" max {out['max_abs_radius_change']:.4f}")
     return out
+
+
+def early_stopping_comparison(model) -> dict:
+    """[7] early stopping at ``--target_radius`` with each method vs a fixed-n run.
+
+    Every run certifies the same ``--early_images`` test images with the same seed, so a
+    sequential run's first n votes of an image are the fixed run's first n.  Rows: mean
+    samples per image (selection draws included) and its ratio to the fixed run,
+    certified accuracy at the target (first bound) and its difference to the fixed run
+    in percentage points, images that used every sample, seconds (shared machine:
+    compare samples, not seconds).
+    """
+    from tfcert import data
+    from tfcert.layers import GaussianNoise
+    from tfcert.sequential import EarlyStopping, certify_sequential
+    from tfcert.smoothing import SmoothedClassifier
+
+    images, n = (6, 400) if FLAGS.quick else (FLAGS.early_images, FLAGS.early_max_samples)
+    x, y = data.load_arrays(FLAGS.early_dataset, "test")
+    x, y = x[:images], y[:images]
+    sigma, target = FLAGS.early_sigma or FLAGS.sigma, FLAGS.target_radius
+    smoothed = SmoothedClassifier(model, data.info(FLAGS.early_dataset).num_classes,
+                                  GaussianNoise(sigma))
+    options = dict(alpha=FLAGS.alpha, bound=FLAGS.early_bounds,
+                   statistics=FLAGS.early_statistics, seed=EARLY_STOPPING_SEED)
+    runs, seconds = {}, {}
+    start = time.perf_counter()
+    runs[f"fixed n = {n}"] = smoothed.certify(x, n, **options)
+    seconds[f"fixed n = {n}"] = time.perf_counter() - start
+    for method in FLAGS.early_methods:
+        start = time.perf_counter()
+        runs[method] = certify_sequential(smoothed, x, n, EarlyStopping(target, method), **options)
+        seconds[method] = time.perf_counter() - start
+    fixed = next(iter(runs.values()))
+    rows = {name: _early_stopping_row(cert, fixed, y, target, seconds[name], n)
+            for name, cert in runs.items()}
+    print(f"\n[7] early stopping at r = {target} ({FLAGS.early_bounds[0]}), {FLAGS.early_dataset}, "
+          f"{len(x)} test images, σ = {sigma}, α = {FLAGS.alpha}, {FLAGS.early_statistics} "
+          f"statistics, at most {n} samples, seed {EARLY_STOPPING_SEED}")
+    print(f"    {'method':16s} {'samples/image':>13s} {'fewer':>7s} {'cert. acc. at r':>15s} "
+          f"{'Δ points':>8s} {'at max':>6s} {'seconds':>8s}")
+    for name, r in rows.items():
+        print(f"    {name:16s} {r['mean_samples']:13.1f} {r['fewer_than_fixed']:6.1f}x "
+              f"{100 * r['certified_accuracy']:14.1f}% {r['points_vs_fixed']:+8.1f} "
+              f"{r['images_at_max']:6d} {r['seconds']:8.1f}")
+    return {"dataset": FLAGS.early_dataset, "images": len(x), "max_samples": n,
+            "alpha": FLAGS.alpha, "sigma": sigma, "target_radius": target,
+            "statistics": FLAGS.early_statistics, "bounds": FLAGS.early_bounds,
+            "seed": EARLY_STOPPING_SEED, "runs": rows}
+
+
+def _early_stopping_row(cert, fixed, labels, target: float, seconds: float, n: int) -> dict:
+    """One row of the early-stopping table (see `early_stopping_comparison`)."""
+    import numpy as np
+
+    def accuracy(c) -> float:
+        return float(np.mean((c.prediction == labels) & (c.radius >= target)))
+
+    mean = float(cert.num_samples.mean())
+    return {"mean_samples": mean, "median_samples": float(np.median(cert.num_samples)),
+            "fewer_than_fixed": float(fixed.num_samples.mean() / mean),
+            "certified_accuracy": accuracy(cert),
+            "points_vs_fixed": 100 * (accuracy(cert) - accuracy(fixed)),
+            "images_at_max": int(np.sum(cert.counts.sum(axis=1) >= n)),
+            "clean_accuracy": float(np.mean(cert.prediction == labels)),
+            "abstained": float(np.mean(cert.prediction < 0)), "seconds": seconds}
 
 
 if __name__ == "__main__":

@@ -44,7 +44,8 @@ SUMMARY_FILES = ("summary.txt", "certified_accuracy.tsv", "certified_accuracy.pn
 # is identified by its SHA-256 (``model_sha256``), not by its path.
 OPERATIONAL = frozenset({
     "output_dir", "model", "num_examples", "images_per_step", "batch_size", "num_shards",
-    "shard_index", "download", "stn_factor", "max_radius", "grid_points", "analyze", "merge"})
+    "shard_index", "download", "stn_factor", "max_radius", "grid_points", "analyze", "merge",
+    "engine", "beam_options"})
 
 
 def certify_dataset(options, config: dict[str, Any], defaults: dict[str, Any]) -> None:
@@ -62,8 +63,8 @@ def certify_dataset(options, config: dict[str, Any], defaults: dict[str, Any]) -
     config = {**config, "model_sha256": cli.file_sha256(options.model)}
     results.prepare_run_dir(options.output_dir, config, OPERATIONAL, defaults)
     lock = results.lock_run_dir(options.output_dir)
-    table = results.ResultTable(os.path.join(options.output_dir, TSV),
-                                ["index", "label", *certifier.columns, "seconds"], "index")
+    table = results.ResultTable(os.path.join(options.output_dir, TSV), table_columns(certifier),
+                                "index")
     results.write_atomic(os.path.join(options.output_dir, SELECTION_FILE),
                          json.dumps({"indices": [int(i) for i in indices]}) + "\n")
     todo = [i for i, index in enumerate(indices) if str(index) not in table.done]
@@ -73,11 +74,7 @@ def certify_dataset(options, config: dict[str, Any], defaults: dict[str, Any]) -
     progress = cli.Progress(len(indices), "certified", len(indices) - len(todo))
     for start in range(0, len(todo), options.images_per_step):
         step = todo[start:start + options.images_per_step]
-        began = time.time()
-        rows = certifier.certify(images[step], labels[step], indices[step])
-        seconds = (time.time() - began) / len(step)
-        table.append({"index": indices[i], "label": labels[i], **row, "seconds": seconds}
-                     for i, row in zip(step, rows))
+        table.append(certify_step(certifier, images[step], labels[step], indices[step]))
         progress.update(progress.done + len(step))
     wanted = {str(i) for i in indices}
     certifier.summarize([r for r in table.rows if r["index"] in wanted], options.output_dir)
@@ -142,6 +139,22 @@ def merge_runs(run_dirs: Sequence[str], output_dir: str, options_override=None) 
     lock.close()
 
 
+def table_columns(certifier) -> list[str]:
+    """The columns of ``certify.tsv`` for ``certifier``."""
+    return ["index", "label", *certifier.columns, "seconds"]
+
+
+def certify_step(certifier, images: np.ndarray, labels: np.ndarray,
+                 indices: np.ndarray) -> list[dict[str, Any]]:
+    """The TSV rows of one step (every engine's unit of work): index, label, the
+    certifier's columns and the step's seconds per example."""
+    began = time.time()
+    rows = certifier.certify(images, labels, indices)
+    seconds = (time.time() - began) / len(indices)
+    return [{"index": index, "label": label, **row, "seconds": seconds}
+            for index, label, row in zip(indices, labels, rows)]
+
+
 def make_certifier(options):
     """The certifier of ``options.defense``: ℓ2 radii for gaussian, KL otherwise."""
     return L2Certifier(options) if options.defense == "gaussian" else KLCertifier(options)
@@ -156,14 +169,26 @@ def remove_summaries(output_dir: str) -> None:
 
 
 class L2Certifier:
-    """ℓ2 certificates of the Gaussian-smoothed classifier (STN Thm. 2, Cohen, PixelDP)."""
+    """ℓ2 certificates of the Gaussian-smoothed classifier (STN Thm. 2, Cohen, PixelDP).
+
+    With ``target_radius`` or ``min_radius_gain`` set, each example stops sampling early
+    (`tfcert.sequential.certify_sequential` with ``stopping_method``), ``num_samples`` is
+    the most samples per example, and the rows record the samples spent (``samples``).
+    """
 
     def __init__(self, options):
         self.o = options
 
     @property
+    def early_stopping(self) -> bool:
+        # getattr: a merge rebuilds the options from config.json files that may predate
+        # the budget mode (and --stopping_method, whose only method then was checkpoints)
+        return (self.o.target_radius is not None
+                or getattr(self.o, "min_radius_gain", None) is not None)
+
+    @property
     def columns(self) -> list[str]:
-        early = ["samples"] if self.o.target_radius is not None else []
+        early = ["samples"] if self.early_stopping else []
         return ["prediction", "correct", *[f"radius_{b}" for b in self.o.bounds],
                 "p1_lower", "p2_upper", "counts", *early]
 
@@ -175,34 +200,46 @@ class L2Certifier:
                                            batch_size=self.o.batch_size,
                                            compute_dtype=self.o.compute_dtype)
 
+    def rule(self):
+        """The `tfcert.sequential.EarlyStopping` rule of the options."""
+        from tfcert.sequential import EarlyStopping
+
+        o = self.o
+        growth = o.checkpoint_growth if o.stopping_method == "checkpoints" else None
+        return EarlyStopping(o.target_radius, o.stopping_method, o.min_radius_gain,
+                             first_look=o.first_checkpoint, growth=growth)
+
     def certify(self, images, labels, indices) -> list[dict]:
         o = self.o
         options = dict(alpha=o.alpha, bound=o.bounds, statistics=o.statistics,
                        num_selection_samples=o.num_selection_samples, seed=o.seed,
                        indices=indices)
-        if o.target_radius is None:
-            cert = self.smoothed.certify(images, o.num_samples, **options)
-        else:
-            from tfcert.sequential import EarlyStopping, certify_sequential
+        if self.early_stopping:
+            from tfcert.sequential import certify_sequential
 
-            rule = EarlyStopping(o.target_radius, o.first_checkpoint, o.checkpoint_growth)
-            cert = certify_sequential(self.smoothed, images, o.num_samples, rule, **options)
-        early = o.target_radius is not None
+            cert = certify_sequential(self.smoothed, images, o.num_samples, self.rule(),
+                                      **options)
+        else:
+            cert = self.smoothed.certify(images, o.num_samples, **options)
         return [{"prediction": cert.prediction[j], "correct": int(cert.prediction[j] == label),
                  **{f"radius_{b}": float(cert.radii[b][j]) for b in o.bounds},
                  "p1_lower": float(cert.p1_lower[j]), "p2_upper": float(cert.p2_upper[j]),
                  "counts": cert.counts[j].tolist(),
-                 **({"samples": int(cert.num_samples[j])} if early else {})}
+                 **({"samples": int(cert.num_samples[j])} if self.early_stopping else {})}
                 for j, label in enumerate(labels)]
 
     def summarize(self, rows, output_dir: str) -> None:
         o = self.o
         summarize_l2(rows, o, output_dir)
-        if o.target_radius is not None:
+        if self.early_stopping:
             spent = sum(int(r["samples"]) for r in rows)
-            print(f"early stopping at r = {o.target_radius}: {spent / max(len(rows), 1):.0f} "
-                  f"samples per example on average (at most {o.num_samples}); radii above "
-                  "the target are not pursued")
+            goal = (f"r = {o.target_radius}" if o.target_radius is not None
+                    else f"a radius gain <= {o.min_radius_gain}")
+            caveat = ("; radii above the target are not pursued" if o.target_radius is not None
+                      else "")
+            print(f"early stopping at {goal} ({getattr(o, 'stopping_method', 'checkpoints')}): "
+                  f"{spent / max(len(rows), 1):.0f} samples per example on average (at most "
+                  f"{o.num_samples}){caveat}")
 
 
 def eps_grid(options) -> list[float]:

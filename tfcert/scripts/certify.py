@@ -46,13 +46,21 @@ flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16", "auto"],
                   "(bfloat16 iff the hardware has it). See docs/PERFORMANCE.md.")
 flags.DEFINE_float("target_radius", None, "Early stopping (tfcert.sequential): stop sampling an "
                    "example once it is certified at this radius (first of --bounds), or once "
-                   "that looks out of reach; --num_samples is then the most samples per "
-                   "example and α is split over the checkpoints. Off by default.",
-                   lower_bound=0.0)
-flags.DEFINE_integer("first_checkpoint", 100, "Early stopping: samples at the first look.",
-                     lower_bound=1)
-flags.DEFINE_float("checkpoint_growth", 2.0, "Early stopping: ratio of consecutive checkpoints "
-                   "(> 1).")
+                   "that is out of reach; --num_samples is then the most samples per example "
+                   "and the TSV gets a samples column. Off by default.", lower_bound=0.0)
+flags.DEFINE_float("min_radius_gain", None, "Early stopping, budget mode: stop an example once "
+                   "more samples (up to --num_samples) cannot raise its radius by more than "
+                   "this. Off by default; combines with --target_radius.", lower_bound=0.0)
+flags.DEFINE_enum("stopping_method", "mixture", ["mixture", "betting", "checkpoints"],
+                  "Early stopping bounds: mixture (beta-binomial mixture confidence sequence, "
+                  "Robbins), betting (Waudby-Smith & Ramdas), checkpoints (Clopper-Pearson at "
+                  "geometric checkpoints, α split over them). See docs/PERFORMANCE.md.")
+flags.DEFINE_integer("first_checkpoint", 100, "Early stopping: samples at the first look, every "
+                     "method (tfcert.sequential's own default for the confidence sequences is "
+                     "32; 100 here keeps older run directories resumable).", lower_bound=1)
+flags.DEFINE_float("checkpoint_growth", 2.0, "Early stopping with --stopping_method=checkpoints: "
+                   "ratio of consecutive checkpoints, > 1 (the confidence sequences look "
+                   "every 10% more samples).")
 flags.DEFINE_integer("images_per_step", 10, "Examples certified together between writes "
                      "(does not change any result: each example's noise is its own).",
                      lower_bound=1)
@@ -67,6 +75,13 @@ flags.DEFINE_list("analyze", None, "Only analyse these finished certify.tsv file
 flags.DEFINE_list("merge", None, "Only join these finished shard run directories (--num_shards "
                   "runs of one command) into --output_dir, as one run.")
 cli.define_shard_flags()
+flags.DEFINE_enum("engine", "local", ["local", "beam"], "local: certify in this process; beam: "
+                  "on an Apache Beam pipeline (tfcert.beam_pipeline, docs/SCALING.md; pip install "
+                  "'tfcert[beam]'), with the same rows.")
+flags.DEFINE_string("beam_options", "", "--engine=beam: Beam pipeline options, e.g. \"--runner="
+                    "DirectRunner --direct_num_workers=2 --direct_running_mode=multi_processing\" "
+                    "(and tfcert's --intra_op_threads=N, TensorFlow threads per worker, and "
+                    "--tfcert_work_dir=PATH, the staged model and part files).")
 flags.DEFINE_enum("defense", "gaussian", ["gaussian", "randdisc", "randdisc_downsampled"],
                   "gaussian: ℓ2 radii of the Gaussian-smoothed classifier (--bounds); randdisc / "
                   "randdisc_downsampled: ℓ∞ KL certificates of randomized discretization "
@@ -101,8 +116,9 @@ def run(argv: list[str]) -> None:
                 f"--shard_index={FLAGS.shard_index} must be < --num_shards={FLAGS.num_shards}")
     from tfcert.smoothing import RADII
 
-    cli.require(FLAGS.target_radius is None or FLAGS.defense == "gaussian",
-                "--target_radius (early stopping) needs --defense=gaussian")
+    early = FLAGS.target_radius is not None or FLAGS.min_radius_gain is not None
+    cli.require(not early or FLAGS.defense == "gaussian",
+                "--target_radius/--min_radius_gain (early stopping) need --defense=gaussian")
     cli.require(FLAGS.checkpoint_growth > 1, "--checkpoint_growth must be > 1")
     if FLAGS.defense == "gaussian":
         bad = [b for b in FLAGS.bounds if b not in RADII]
@@ -113,6 +129,10 @@ def run(argv: list[str]) -> None:
         cli.require(FLAGS.center_stddev is None or FLAGS.center_stddev > 0,
                     "--center_stddev must be > 0")
         cli.require(0 < FLAGS.kl_alpha < 1, "--kl_alpha must be in (0, 1)")
+    if FLAGS.engine == "beam":
+        from tfcert import beam_pipeline
+
+        return beam_pipeline.certify_dataset(FLAGS, cli.script_flags(), cli.flag_defaults())
     certification.certify_dataset(FLAGS, cli.script_flags(), cli.flag_defaults())
 
 
