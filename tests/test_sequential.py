@@ -50,6 +50,7 @@ def test_looks_levels_and_validation():
         assert looks[0] == 32 and looks[-1] == 10_000
         # ceil(1.1 n) may round up once more where 1.1 n is not exact in float64
         assert np.all((looks[1:-1] >= 1.1 * looks[:-2]) & (looks[1:-1] <= 1.1 * looks[:-2] + 2))
+        # rtol 1e-15: (1 − 0.1) · 0.01 and 0.1 · 0.01 are each one float64 rounding away
         np.testing.assert_allclose(rule.levels(0.01, 3), [0.009] * 3, rtol=1e-15)
         assert rule.final_level(0.01) == pytest.approx(0.001, rel=1e-15)
         assert EarlyStopping(0.5, method, final_share=0.0).final_level(0.01) == 0.0
@@ -115,7 +116,7 @@ def test_peeking_at_a_fixed_n_bound_fails_the_coverage_test():
     alpha, streams = 0.05, 10_000
     missed = ever_above(PeekingAtFullLevel(0.0, "checkpoints"), 0.5, stream_looks("mixture"),
                         alpha, streams, seed=7)
-    assert missed.sum() > 4 * miss_threshold(streams, alpha)
+    assert missed.sum() > 4 * miss_threshold(streams, alpha)  # measured 3,330 vs 4 · 599
 
 
 def mpmath_log_evidence(s: float, n: float, p: float, a: float, b: float) -> float:
@@ -358,10 +359,11 @@ def test_early_stopping_is_sound_on_a_linear_classifier_and_saves_samples(linear
     fixed = sc.certify(x, max_samples, alpha=1e-4, bound="cohen", statistics=statistics, seed=4)
     at_target = {name: np.mean((c.prediction == label) & (c.radius >= target))
                  for name, c in (("seq", seq), ("fixed", fixed))}
-    # 0.06: the CS are wider than a fixed-n bound at n = 4,000, so images whose margin is
-    # just above the target certify only at fixed n (measured: 2-5 points of 300 images)
-    assert at_target["seq"] >= at_target["fixed"] - 0.06
-    assert seq.num_samples.mean() < 0.5 * (max_samples + extra)
+    # 0.05: measured 1.3-2.3 points below the fixed run (seeded, so deterministic): images
+    # whose margin is just above the target are given up by the futility rule or need the
+    # last look; the other seed (4 vs 3) moves a few borderline images either way
+    assert at_target["seq"] >= at_target["fixed"] - 0.05
+    assert seq.num_samples.mean() < 0.5 * (max_samples + extra)  # measured 513-1013 of 4,000
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -371,7 +373,7 @@ def test_undecidable_inputs_stop_early_and_abstain(method):
     x = np.full((4, *SHAPE), 0.5, np.float32)
     cert = certify_sequential(sc, x, 10_000, EarlyStopping(0.5, method), alpha=0.001, seed=0)
     np.testing.assert_array_equal(cert.prediction, -1)
-    assert np.all(cert.num_samples <= 400)
+    assert np.all(cert.num_samples <= 400)  # measured: 32-245 (CS), 100 (checkpoints)
 
 
 def test_seeded_runs_repeat():

@@ -6,8 +6,14 @@ holds at any stopping time, however the time to stop is chosen (optional stoppin
 fixed-n Clopper-Pearson bound only holds at an n fixed in advance.  Both sequences here
 come from a nonnegative supermartingale ``E_n(p₀)`` (an "e-process") per candidate value
 p₀ with ``E_0 = 1`` under ``p ≤ p₀``; by Ville's inequality ``P(∃ n: E_n(p) ≥ 1/α) ≤ α``,
-so ``{p₀ : E_n(p₀) < 1/α}`` is a CS (Howard et al. 2021; Waudby-Smith & Ramdas 2023).
-Upper bounds are lower bounds of the complementary stream ``1 − X_i``.
+so ``{p₀ : E_n(p₀) < 1/α}`` is a CS.  Upper bounds are lower bounds of the
+complementary stream ``1 − X_i``.
+
+References: H. Robbins, Statistical methods related to the law of the iterated
+logarithm, Ann. Math. Statist. 1970 (mixture martingales); S. R. Howard, A. Ramdas,
+J. McAuliffe, J. Sekhon, Time-uniform, nonparametric, nonasymptotic confidence
+sequences, Ann. Statist. 2021 (one-sided beta-binomial mixtures); I. Waudby-Smith,
+A. Ramdas, Estimating means of bounded random variables by betting, JRSS B 2023.
 
 The votes arrive in *looks* (batches of draws): ``successes[..., j]`` of ``trials[j]``
 draws in look j.  A bound computed after any look holds simultaneously over all looks.
@@ -83,6 +89,7 @@ EVIDENCE_ABSOLUTE_ERROR = 1e-9
 
 
 def _as_float64(*arrays) -> list[np.ndarray]:
+    """``arrays`` broadcast together, as float64."""
     return [np.asarray(a, np.float64) for a in np.broadcast_arrays(*arrays)]
 
 
@@ -234,8 +241,7 @@ def betting_lower(successes, trials, alpha: float,
         raise ValueError(f"truncation must be in (0, 1), got {truncation}")
     s = np.asarray(successes, np.float64)
 
-    def rejects(m):
-        return _rejected(*betting_log_capital(s, trials, np.maximum(m, 1e-300), alpha,
-                                              truncation), alpha)
+    def rejects(m):  # m > 0: the bisection of [0, 1] never evaluates 0
+        return _rejected(*betting_log_capital(s, trials, m, alpha, truncation), alpha)
 
     return _bisect(rejects, np.ones(s.shape[:-1]))
