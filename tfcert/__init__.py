@@ -18,7 +18,8 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = ("adversarial_training", "analysis", "attacks", "bench", "bounds", "cli", "data",
-               "certification", "export", "kl", "layers", "models", "results", "robust_accuracy",
+               "certification", "confidence_sequences", "export", "kl", "layers", "models",
+               "results", "robust_accuracy",
                "scripts", "sequential", "smoothing", "stats", "training")
 _NAMES = {
     "SmoothedClassifier": "smoothing", "Certificate": "smoothing",
