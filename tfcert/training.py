@@ -430,7 +430,7 @@ class MACERModel(_MultiNoiseTrainingModel):
         correct = tf.equal(classes[:, 0], tf.reshape(tf.cast(y, classes.dtype), [-1]))
         xi = tf.math.ndtri(top[:, 0]) - tf.math.ndtri(top[:, 1])
         active = correct & (xi <= self.gamma)  # False for an infinite or NaN ξ
-        # Inactive examples get placeholder probabilities, so that Φ⁻¹ and its gradient
+        # Inactive examples get fixed stand-in probabilities, so that Φ⁻¹ and its gradient
         # stay finite where the hinge is 0 (a NaN would leak through tf.where's gradient).
         p_top = tf.where(active, top[:, 0], 0.75)
         p_second = tf.where(active, top[:, 1], 0.25)
