@@ -1,5 +1,6 @@
 """tfcert-attack (python -m tfcert.scripts.attack) end to end: streamed TSV, resume and extension, tables, errors."""
 
+import json
 import subprocess
 import sys
 
@@ -115,3 +116,45 @@ def test_a_model_that_does_not_fit_the_data_is_refused_before_any_output(digits_
                   "--num_examples=2", f"--output_dir={tmp_path / 'bad'}")
     assert "(8, 8, 1)" in one_line_error(proc)
     assert not (tmp_path / "bad").exists()
+
+
+def same_rows(rows, other):
+    """Rows equal but for seconds; distances to the TSV's 6 significant digits (rel 1e-5),
+    as a batch size may change the model's float32 outputs in the last bits."""
+    assert [r["key"] for r in rows] == [r["key"] for r in other]
+    for row, twin in zip(rows, other):
+        assert {k: v for k, v in row.items() if k not in ("seconds", "distance")} == {
+            k: v for k, v in twin.items() if k not in ("seconds", "distance")}
+        assert float(row["distance"]) == pytest.approx(float(twin["distance"]), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_rows_do_not_depend_on_the_batch_size(digits_model, tmp_path):
+    """Per-example randomness: C&W with EOT through Gaussian noise (the attack's draws and
+    the defense's clean and adversarial draws), one attack serving every ε."""
+    runs = {}
+    for batch_size in (2, 5):
+        out = tmp_path / f"b{batch_size}"
+        proc = attack(f"--model={digits_model}", "--dataset=digits", "--defense=gaussian",
+                      "--sigma=0.2", "--attack=cw_l2", "--eps=0.3,1.2", "--num_examples=6",
+                      "--steps=4", "--binary_search_steps=2", "--eot_samples=2",
+                      f"--batch_size={batch_size}", f"--output_dir={out}")
+        assert proc.returncode == 0, proc.stderr
+        runs[batch_size] = sorted(results.read_tsv(str(out / "attack.tsv")),
+                                  key=lambda r: (float(r["eps"]), int(r["index"])))
+    same_rows(runs[2], runs[5])
+    config = json.loads((tmp_path / "b2" / "config.json").read_text())
+    assert config["randomness"] == "per-example"
+
+
+def test_a_run_of_the_per_batch_seeding_is_refused(digits_model, tmp_path):
+    """Runs made before per-example seeding (no "randomness" in config.json) drew other
+    numbers: they cannot be continued."""
+    out = tmp_path / "old"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"attack": "pgd_linf", "batch_size": 100}))
+    proc = attack(f"--model={digits_model}", "--dataset=digits", "--eps=0.1",
+                  "--num_examples=2", f"--output_dir={out}")
+    assert "older tfcert-attack that seeded the attack randomness per batch" in one_line_error(
+        proc)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]

@@ -8,8 +8,9 @@ import pytest
 import tensorflow as tf
 
 from tfcert import data, models
-from tfcert.attacks import (boundary_attack, carlini_wagner_l2, loss_and_gradient, margin, pgd,
-                            transfer_attack)
+from tfcert import smoothing
+from tfcert.attacks import (KeyedDefense, boundary_attack, carlini_wagner_l2, loss_and_gradient,
+                            margin, pgd, transfer_attack)
 from tfcert.layers import (PAPER_SETTINGS, GaussianNoise, RandomizedDiscretization,
                            RandomizedMixture)
 
@@ -211,3 +212,52 @@ def test_eot_pgd_moves_through_randomized_discretization(model, test_set, layer)
     x_adv = pgd(defense, x, y, 0.3, steps=20, eot_samples=4, seed=0)
     assert np.max(_distances(x, x_adv, np.inf)) <= 0.3 + 1e-6
     assert _accuracy(defense, x_adv, y) < before - 0.3
+
+
+PER_EXAMPLE_ATTACKS = {
+    "pgd_linf": lambda m, x, y, keys: pgd(m, x, y, 0.1, steps=3, eot_samples=3, seed=keys),
+    "pgd_l2": lambda m, x, y, keys: pgd(m, x, y, 0.7, norm="2", steps=3, eot_samples=3,
+                                        seed=keys),
+    "cw_l2": lambda m, x, y, keys: carlini_wagner_l2(m, x, y, steps=4, binary_search_steps=2,
+                                                     eot_samples=3, seed=keys),
+    "boundary": lambda m, x, y, keys: boundary_attack(m, x, y, steps=5, trials=3, seed=keys),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PER_EXAMPLE_ATTACKS))
+@pytest.mark.parametrize("layer", [lambda: GaussianNoise(0.2),
+                                   lambda: RandomizedDiscretization(**PAPER_SETTINGS["mnist"])],
+                         ids=["gaussian", "randdisc"])
+def test_keyed_attacks_do_not_depend_on_the_batch(model, test_set, name, layer):
+    """With per-example keys (the examples' dataset indices) an example's adversarial image
+    is the same attacked in one batch of 10 or in batches of 4, 4 and 2."""
+    x, y = test_set[0][:10], test_set[1][:10]
+    defense = KeyedDefense(model, layer())
+    keys = smoothing.draw_keys(smoothing.run_key(5), 0, np.arange(100, 110))
+    attack = PER_EXAMPLE_ATTACKS[name]
+    whole = attack(defense, x, y, keys).numpy()
+    parts = np.concatenate([attack(defense, x[s:s + 4], y[s:s + 4], keys[s:s + 4]).numpy()
+                            for s in range(0, 10, 4)])
+    # The model's float32 outputs for an example may differ in the last bits between batch
+    # sizes (the CPU kernels depend on the batch); 1e-5 is ~170 float32 ulps at 1 (2^-23
+    # each), far below any attack step (a different draw moves pixels by ~0.01-0.1).
+    np.testing.assert_allclose(parts, whole, rtol=0, atol=1e-5)
+    other = smoothing.draw_keys(smoothing.run_key(6), 0, np.arange(100, 110))
+    assert np.max(np.abs(attack(defense, x, y, other).numpy() - whole)) > 1e-3  # keys matter
+
+
+def test_keyed_defense_draws_a_group_per_key(model, test_set):
+    """`KeyedDefense.group_logits`: example b's draws depend on (keys[b], draw) only, and
+    unkeyed calls use the layer's generator."""
+    x = tf.constant(test_set[0][:3])
+    defense = KeyedDefense(model, GaussianNoise(0.3))
+    keys = smoothing.draw_keys(smoothing.run_key(0), 0, np.arange(3))
+    groups = tf.repeat(x[:, None], 4, axis=1)
+    logits = defense.group_logits(groups, keys, 7).numpy()
+    assert logits.shape == (3, 4, 10)
+    # float32 outputs may differ in the last bits between batch sizes: rtol 1e-5 ≈ 80 ulps
+    np.testing.assert_allclose(defense.group_logits(groups[1:2], keys[1:2], 7), logits[1:2],
+                               rtol=1e-5, atol=1e-5)
+    assert not np.allclose(logits[:, 0], logits[:, 1])  # each input of a group its own draw
+    assert not np.allclose(logits, defense.group_logits(groups, keys, 8).numpy())
+    assert defense(x).shape == (3, 10)

@@ -1,5 +1,7 @@
-"""certify.py --engine=beam (tfcert.beam_pipeline): the local engine's rows, retries, resume."""
+"""certify.py and tfcert-attack --engine=beam (tfcert.beam_pipeline): the local engine's rows,
+retries, resume."""
 
+import argparse
 import os
 import signal
 import subprocess
@@ -18,10 +20,21 @@ MISSING = ("error: --engine=beam needs Apache Beam, which is not installed: "
            "pip install 'tfcert[beam]'")
 
 
+CERTIFY = [os.path.join(ROOT, "certify.py")]
+ATTACK = ["-m", "tfcert.scripts.attack"]
+
+
+def run_script(script, *args, env=None, **kwargs):
+    return subprocess.run([sys.executable, *script, *args], capture_output=True, text=True,
+                          timeout=600, cwd=ROOT, env={**os.environ, **(env or {})}, **kwargs)
+
+
 def certify(*args, env=None, **kwargs):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "certify.py"), *args],
-                          capture_output=True, text=True, timeout=600,
-                          env={**os.environ, **(env or {})}, **kwargs)
+    return run_script(CERTIFY, *args, env=env, **kwargs)
+
+
+def attack(*args, env=None, **kwargs):
+    return run_script(ATTACK, *args, env=env, **kwargs)
 
 
 def common(model, out, count=8, samples=300):
@@ -132,14 +145,18 @@ def test_resume_after_a_kill_certifies_only_the_missing_examples(digits_model, t
     assert without_seconds(rows) == without_seconds(rows_of(local))
 
 
-def test_without_beam_a_one_line_error(digits_model, tmp_path):
+@pytest.mark.parametrize("script", ["certify", "attack"])
+def test_without_beam_a_one_line_error(digits_model, tmp_path, script):
     shim = tmp_path / "shim" / "apache_beam"
     shim.mkdir(parents=True)
     (shim / "__init__.py").write_text(  # what Python raises when the package is absent
         'raise ModuleNotFoundError("No module named \'apache_beam\'", name="apache_beam")\n')
-    path = os.pathsep.join([str(tmp_path / "shim"), os.environ.get("PYTHONPATH", "")])
+    path = os.pathsep.join([str(tmp_path / "shim"), ROOT, os.environ.get("PYTHONPATH", "")])
     out = tmp_path / "o"
-    result = certify(*beam(digits_model, out, TWO_WORKERS), env={"PYTHONPATH": path})
+    if script == "certify":
+        result = certify(*beam(digits_model, out, TWO_WORKERS), env={"PYTHONPATH": path})
+    else:
+        result = attack(*attack_beam(digits_model, out, TWO_WORKERS), env={"PYTHONPATH": path})
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == MISSING
     assert not out.exists()
@@ -151,23 +168,30 @@ def test_rows_are_gathered_once_per_index_and_written_sorted(tmp_path, beam_inst
     columns = ["index", "label", "seconds"]
     parts = tmp_path / "parts"
     parts.mkdir()
-    beam_pipeline.write_part(beam_pipeline.part_path(str(parts), (5, 6)), columns,
-                             [{"index": 5, "label": 1, "seconds": 0.5},
-                              {"index": 6, "label": 2, "seconds": 0.5}])
+    task = beam_pipeline.CertifyTask(argparse.Namespace(model="m", model_sha256="0"), columns,
+                                     images_per_step=2)
+
+    def write(step, rows):
+        path = beam_pipeline.part_path(str(parts), task.label(step), task.size(step))
+        beam_pipeline.write_part(path, columns, task.key, rows)
+
+    write((5, 6), [{"index": 5, "label": 1, "seconds": 0.5},
+                   {"index": 6, "label": 2, "seconds": 0.5}])
     # a second attempt of an overlapping step (a speculative or retried worker)
-    beam_pipeline.write_part(beam_pipeline.part_path(str(parts), (6,)), columns,
-                             [{"index": 6, "label": 2, "seconds": 0.25}])
+    write((6,), [{"index": 6, "label": 2, "seconds": 0.25}])
     (parts / "part-0000000009-1.tsv.abc.partial").write_text("index\tla")  # a killed write
     table = [{"index": "10", "label": "0", "seconds": "1"}, {"index": "5", "label": "1",
                                                              "seconds": "2"}]
-    rows = beam_pipeline.gather_rows(table, str(parts), columns)
+    rows = beam_pipeline.gather_rows(table, str(parts), columns, task.key)
     assert sorted(rows, key=int) == ["5", "6", "10"]
     assert rows["5"]["seconds"] == "2" and rows["6"]["seconds"] == "0.5"  # first row wins
     assert beam_pipeline.missing(["5", "9", "10"], rows) == ["9"]
     tsv = tmp_path / "certify.tsv"
-    beam_pipeline.write_table(str(tsv), columns, rows)
+    beam_pipeline.write_table(str(tsv), columns, rows, task.order)
     assert [r["index"] for r in results.read_tsv(str(tsv))] == ["5", "6", "10"]
-    assert beam_pipeline.part_path("d", (5, 6)) == os.path.join("d", "part-0000000005-2.tsv")
+    assert (beam_pipeline.part_path("d", task.label((5, 6)), task.size((5, 6)))
+            == os.path.join("d", "part-0000000005-2.tsv"))
+    assert task.steps(["1", "3", "4"]) == [(1, 3), (4,)]
 
 
 def test_worker_threads_share_the_cores_among_local_workers(beam_installed):
@@ -185,3 +209,91 @@ def test_worker_threads_share_the_cores_among_local_workers(beam_installed):
         beam_pipeline.parse_pipeline_options("--runner='DirectRunner")
     with pytest.raises(cli.CliError, match="invalid int value: 'two'"):
         beam_pipeline.parse_pipeline_options("--direct_num_workers=two")
+
+
+# ---------------------------------------------------------------- tfcert-attack --engine=beam
+def attack_common(model, out, count=8):
+    """A randomized defense under EOT PGD: every kind of per-example draw (random start,
+    EOT draws, the defense's draws on the clean and adversarial images)."""
+    return [f"--model={model}", "--dataset=digits", "--defense=gaussian", "--sigma=0.2",
+            "--attack=pgd_linf", "--eps=0.05,0.1", "--steps=3", "--eot_samples=2",
+            f"--num_examples={count}", "--batch_size=3", f"--output_dir={out}"]
+
+
+def attack_beam(model, out, options, **kwargs):
+    return [*attack_common(model, out, **kwargs), "--engine=beam", f"--beam_options={options}"]
+
+
+def attack_rows(out):
+    return results.read_tsv(str(out / "attack.tsv"))
+
+
+def by_eps_and_index(rows):
+    """Rows without seconds in the Beam engine's order (ε, then index)."""
+    return sorted(without_seconds(rows), key=lambda r: (float(r["eps"]), int(r["index"])))
+
+
+@pytest.fixture(scope="module")
+def local_attack(digits_model, tmp_path_factory):
+    """The local engine's attack run for `attack_common` (batch size 3)."""
+    out = tmp_path_factory.mktemp("local_attack") / "run"
+    done = attack(*attack_common(digits_model, out))
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+@pytest.mark.slow
+def test_two_worker_attack_pipeline_writes_the_local_engines_rows(digits_model, local_attack,
+                                                                  tmp_path, beam_installed):
+    out = tmp_path / "beam"
+    done = attack(*attack_beam(digits_model, out, TWO_WORKERS))
+    assert done.returncode == 0, done.stderr
+    assert by_eps_and_index(attack_rows(out)) == by_eps_and_index(attack_rows(local_attack))
+    assert [r["key"] for r in attack_rows(out)] == [f"{e}/{i}" for e in ("0.05", "0.1")
+                                                    for i in range(8)]
+    for name in ("summary.txt", "robust_accuracy.tsv"):
+        assert (out / name).read_text() == (local_attack / name).read_text(), name
+    assert (out / "robust_accuracy.png").exists() and not (out / "beam_parts").exists()
+    assert "robust accuracy" in done.stdout
+
+
+@pytest.mark.slow
+def test_a_killed_attack_worker_loses_and_duplicates_no_row(digits_model, local_attack,
+                                                            tmp_path, beam_installed):
+    """The worker process of example 2's steps dies after writing its part file."""
+    out = tmp_path / "beam"
+    done = attack(*attack_beam(digits_model, out, TWO_WORKERS),
+                  env={"TFCERT_BEAM_INJECT_FAILURE": "2:exit"})
+    assert done.returncode == 0, done.stderr
+    assert "attempt 1 failed (a Beam worker process died" in done.stderr
+    rows = attack_rows(out)
+    assert sorted(r["key"] for r in rows) == sorted({r["key"] for r in rows})  # each once
+    assert by_eps_and_index(rows) == by_eps_and_index(attack_rows(local_attack))
+
+
+@pytest.mark.slow
+def test_attack_resume_computes_only_the_missing_rows(digits_model, local_attack, tmp_path,
+                                                      beam_installed):
+    """A partly finished run (rows in attack.tsv and in a part file of a killed Beam run)
+    is resumed: those rows are kept as they were (their seconds too), the rest computed."""
+    out = tmp_path / "beam"
+    first = attack(*attack_beam(digits_model, out, IN_PROCESS))
+    assert first.returncode == 0, first.stderr
+    rows = attack_rows(out)
+    header = (out / "attack.tsv").read_text().splitlines()[0]
+    kept_tsv, kept_part = rows[:5], rows[5:7]
+
+    def tsv_text(part):
+        return header + "\n" + "".join("\t".join(r.values()) + "\n" for r in part)
+
+    (out / "attack.tsv").write_text(tsv_text(kept_tsv))
+    (out / "beam_parts").mkdir()
+    # a recomputed part of these rows would sort before this one and win: its seconds differ
+    (out / "beam_parts" / "part-0000000005-killed-2.tsv").write_text(tsv_text(kept_part))
+    (out / "summary.txt").unlink()
+    resumed = attack(*attack_beam(digits_model, out, IN_PROCESS))
+    assert resumed.returncode == 0, resumed.stderr
+    after = {r["key"]: r for r in attack_rows(out)}
+    assert len(after) == 16 and all(after[r["key"]] == r for r in kept_tsv + kept_part)
+    assert "7/16" in resumed.stderr  # the progress starts at the 7 kept rows
+    assert by_eps_and_index(after.values()) == by_eps_and_index(attack_rows(local_attack))

@@ -1,22 +1,27 @@
-"""Certification on Apache Beam (``certify.py --engine=beam``, docs/SCALING.md).
+"""Certification and attack sweeps on Apache Beam (``--engine=beam``, docs/SCALING.md).
 
-The driver (the ``certify.py`` process) does what the local engine does before and
-after the work: it selects the examples with the same data loaders and options
-(`tfcert.cli.select_examples`, shards included), checks the model, prepares and locks
-the run directory (``config.json``, ``selection.json``), and at the end writes
-``certify.tsv`` and the summary, table and plot.  In between it runs a pipeline
+``certify.py --engine=beam`` and ``tfcert-attack --engine=beam`` run the same engine
+(`run_steps`) over a *task* (`StepTask`: `CertifyTask` here,
+`tfcert.robust_accuracy.AttackTask`).  The driver (the script's process) does what the
+local engine does before and after the work: it selects the examples with the same data
+loaders and options (`tfcert.cli.select_examples`), checks the models, prepares and
+locks the run directory (``config.json``), and at the end writes the TSV
+(``certify.tsv``, ``attack.tsv``) and the summary, table and plot.  In between it runs a
+pipeline
 
-    Create(steps of example indices) | Reshuffle | ParDo(CertifyStepFn)
+    Create(steps) | Reshuffle | ParDo(StepFn)
 
-whose workers each load the data selection and the model once (`CertifyStepFn.setup`)
-and certify a step (``--images_per_step`` indices) with the local engine's own code
-(`tfcert.certification.certify_step`), so a row is the local engine's row for the same
-seed (the noise of an example is keyed by its index; only ``seconds`` differs).
+whose workers each set the task up once (`StepFn.setup`: the data selection and the
+models) and compute a step (a few examples: ``--images_per_step`` for certify,
+``--batch_size`` for attacks) with the local engine's own code
+(`tfcert.certification.certify_step`, `tfcert.robust_accuracy.Attacker`), so a row is
+the local engine's row for the same seed: every random draw of a row is keyed by the
+example's index (only ``seconds`` differs).
 
 The driver and the workers share a **work directory** on any Beam file system
 (``--tfcert_work_dir`` in ``--beam_options``: a local or shared path, ``gs://``,
 ``s3://``, ``hdfs://``; default ``<output_dir>/beam_parts``).  The driver stages the
-model there (``model-<sha256>.keras``; a worker refuses a file with another SHA-256),
+models there (``model-<sha256>.keras``; a worker refuses a file with another SHA-256),
 so a worker needs tfcert, the data (the packaged datasets need nothing; tfds datasets
 need ``--data_dir`` reachable from the worker, e.g. on ``gs://``) and access to the work
 directory, never the driver's disk.
@@ -24,21 +29,22 @@ directory, never the driver's disk.
 Failure semantics and resume:
 
 - **Workers write each step's rows to its own part file** ``<work dir>/
-  part-<first index>-<count>.tsv``, atomically (a temporary file, synced on a local disk,
-  then renamed): a part file is complete or absent, and durable as soon as it lands.
-- **Retries cannot duplicate rows.**  A step's file name depends only on its indices, so
-  a retried bundle (Dataflow, Flink and Spark retry failed bundles) rewrites the same
-  file, and it skips the steps whose part file exists.  Rows are gathered by index (the
-  TSV's first, then the parts'), so a row is never counted twice.
-- **A failed pipeline is retried by the engine** (`MAX_ATTEMPTS`) over the examples that
-  have no row yet: Beam's local FnApiRunner (what DirectRunner runs batch pipelines on)
-  does not retry bundles, so a raising worker fails the whole pipeline, and a worker
-  process that dies would hang it (`WorkerDeathWatch` makes that a failure too).
+  part-<label>-<rows>.tsv`` (the label: the first index, and for attacks a digest of
+  the step's ε values and indices), atomically (a temporary file, synced on a local
+  disk, then renamed): a part file is complete or absent, and durable once it lands.
+- **Retries cannot duplicate rows.**  A step's file name depends only on its contents,
+  so a retried bundle (Dataflow, Flink and Spark retry failed bundles) rewrites the same
+  file, and it skips the steps whose part file exists.  Rows are gathered by their key
+  (the TSV's first, then the parts'), so a row is never counted twice.
+- **A failed pipeline is retried by the engine** (`MAX_ATTEMPTS`) over the rows not yet
+  written: Beam's local FnApiRunner (what DirectRunner runs batch pipelines on) does not
+  retry bundles, so a raising worker fails the whole pipeline, and a worker process that
+  dies would hang it (`WorkerDeathWatch` makes that a failure too).
 - **Resume.**  Rerunning the command (after a kill of the driver, say) keeps every row of
-  ``certify.tsv`` and of the part files and certifies only the other examples.
-- **The final step** (in the driver, after the pipeline) writes ``certify.tsv`` whole,
-  atomically, sorted by index, then deletes the work directory's files, then writes the
-  summaries.
+  the TSV and of the part files and computes only the others.
+- **The final step** (in the driver, after the pipeline) writes the TSV whole,
+  atomically, sorted (by index; attacks by ε, then index), then deletes the work
+  directory's files, then writes the summaries.
 """
 
 from __future__ import annotations
@@ -56,7 +62,7 @@ import sys
 import tempfile
 import threading
 import uuid
-from typing import Any, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 from tfcert import certification, cli, results
 
@@ -74,8 +80,8 @@ from apache_beam.options.pipeline_options import (DirectOptions, PipelineOptions
 PARTS_DIR = "beam_parts"
 # Runner names that mean Beam's local batch engine (DirectRunner is Beam's default).
 LOCAL_RUNNERS = (None, "DirectRunner")
-# Pipeline runs per certify.py command: the first, and retries of the examples a failed
-# run left without rows.
+# Pipeline runs per command: the first, and retries of the rows a failed run left
+# unwritten.
 MAX_ATTEMPTS = 3
 # Test hook: "<index>" (the worker raises) or "<index>:exit" (the worker process dies) once,
 # in the step of that example, after its part file is written (the worst moment for
@@ -102,6 +108,40 @@ class TfcertBeamOptions(PipelineOptions):
                  "on any Beam file system (default: <output_dir>/beam_parts).")
 
 
+class StepTask(Protocol):
+    """What `run_steps` runs: steps of work, each a few examples, computed by workers.
+
+    A task is pickled to the workers, so it holds only options and small lists; `setup`
+    loads the rest on the worker.
+    """
+
+    columns: list[str]  # the TSV's columns
+    key: str  # the column that identifies a row
+    unit: str  # what the progress bar counts
+    models: dict[str, tuple[str, str]]  # name -> (driver's model file, its SHA-256)
+
+    def steps(self, todo: list[str]) -> list[Any]:
+        """Steps (picklable, hashable) that compute the rows of keys ``todo`` (others too)."""
+
+    def label(self, step) -> str:
+        """The part-file label of a step: a function of the step's contents only."""
+
+    def size(self, step) -> int:
+        """The rows of a step."""
+
+    def example_indices(self, step) -> Sequence[int]:
+        """The examples' indices in a step."""
+
+    def order(self, key: str) -> Any:
+        """The sort key of a row key in the final TSV."""
+
+    def setup(self, models: dict[str, str]) -> None:
+        """On a worker, once: loads the data and the models (name -> local file)."""
+
+    def run(self, step) -> list[dict[str, Any]]:
+        """The rows of a step."""
+
+
 def certify_dataset(options, config: dict[str, Any], defaults: dict[str, Any]) -> None:
     """Certifies the selected examples that have no row yet on a Beam pipeline.
 
@@ -117,30 +157,50 @@ def certify_dataset(options, config: dict[str, Any], defaults: dict[str, Any]) -
     config = {**config, "model_sha256": cli.file_sha256(options.model)}
     results.prepare_run_dir(options.output_dir, config, certification.OPERATIONAL, defaults)
     lock = results.lock_run_dir(options.output_dir)
-    columns = certification.table_columns(certifier)
-    tsv = os.path.join(options.output_dir, certification.TSV)
-    table = results.ResultTable(tsv, columns, "index")  # checks the header, drops a torn line
+    task = CertifyTask(worker_options(config), certification.table_columns(certifier),
+                       options.images_per_step)
+    table = results.ResultTable(os.path.join(options.output_dir, certification.TSV),
+                                task.columns, task.key)  # checks the header, drops a torn line
     results.write_atomic(os.path.join(options.output_dir, certification.SELECTION_FILE),
                          json.dumps({"indices": [int(i) for i in indices]}) + "\n")
-    work_dir = (pipeline_options.view_as(TfcertBeamOptions).tfcert_work_dir
-                or os.path.abspath(os.path.join(options.output_dir, PARTS_DIR)))
-    if not FileSystems.exists(work_dir):
-        FileSystems.mkdirs(work_dir)
     wanted = [str(i) for i in indices]
-    if missing(wanted, gather_rows(table.rows, work_dir, columns)):
-        certification.remove_summaries(options.output_dir)
-        model = stage_model(options.model, config["model_sha256"], work_dir)
-        run_until_complete(CertifyStepFn(worker_options(config), model, work_dir, columns,
-                                         worker_threads(pipeline_options)),
-                           pipeline_options, wanted, table.rows, options.images_per_step)
-    rows = gather_rows(table.rows, work_dir, columns)
-    lost = missing(wanted, rows)
-    cli.require(not lost, f"the Beam pipeline left {len(lost)} examples without rows (first: "
-                f"index {lost[0] if lost else ''}); rerun the same command to certify them")
-    write_table(tsv, columns, rows)
-    clear_work_dir(work_dir)
+    rows = run_steps(task, pipeline_options, options.output_dir, table, wanted,
+                     lambda: certification.remove_summaries(options.output_dir))
     certifier.summarize([rows[i] for i in wanted], options.output_dir)
     lock.close()
+
+
+def run_steps(task: StepTask, pipeline_options: PipelineOptions, output_dir: str,
+              table: results.ResultTable, wanted: Sequence[str],
+              before_work: Callable[[], None] = lambda: None) -> dict[str, dict[str, str]]:
+    """Computes the wanted rows that ``table`` lacks on a Beam pipeline, then writes the
+    table whole (sorted by ``task.order``) and returns every row by key.
+
+    Args:
+        task: the work (`StepTask`).
+        pipeline_options: `parse_pipeline_options` of ``--beam_options``.
+        output_dir: the run directory (the default work directory is in it).
+        table: the run's TSV, opened by the driver (its rows are kept as they are).
+        wanted: the keys of the rows the run wants.
+        before_work: called once if there is work to do (e.g. removes stale summaries).
+    """
+    work_dir = (pipeline_options.view_as(TfcertBeamOptions).tfcert_work_dir
+                or os.path.abspath(os.path.join(output_dir, PARTS_DIR)))
+    if not FileSystems.exists(work_dir):
+        FileSystems.mkdirs(work_dir)
+    if missing(wanted, gather_rows(table.rows, work_dir, task.columns, task.key)):
+        before_work()
+        staged = {name: stage_model(path, sha256, work_dir)
+                  for name, (path, sha256) in task.models.items()}
+        run_until_complete(StepFn(task, staged, work_dir, worker_threads(pipeline_options)),
+                           pipeline_options, wanted, table.rows)
+    rows = gather_rows(table.rows, work_dir, task.columns, task.key)
+    lost = missing(wanted, rows)
+    cli.require(not lost, f"the Beam pipeline left {len(lost)} rows unwritten (first: "
+                f"{task.key} {lost[0] if lost else ''}); rerun the same command to compute them")
+    write_table(table.path, task.columns, rows, task.order)
+    clear_work_dir(work_dir)
+    return rows
 
 
 def parse_pipeline_options(text: str) -> PipelineOptions:
@@ -226,28 +286,26 @@ def fetch(path: str, scratch: str) -> str:
     return local
 
 
-def run_until_complete(fn: "CertifyStepFn", pipeline_options: PipelineOptions,
-                       wanted: Sequence[str], table_rows: Sequence[dict[str, str]],
-                       images_per_step: int) -> None:
-    """Runs the pipeline over the wanted examples without rows, up to `MAX_ATTEMPTS` times
-    (a failed run keeps the part files of the steps it finished)."""
+def run_until_complete(fn: "StepFn", pipeline_options: PipelineOptions,
+                       wanted: Sequence[str], table_rows: Sequence[dict[str, str]]) -> None:
+    """Runs the pipeline over the steps of the wanted rows not yet written, up to
+    `MAX_ATTEMPTS` times (a failed run keeps the part files of the steps it finished)."""
+    task = fn.task
     for attempt in range(1, MAX_ATTEMPTS + 1):
-        done = gather_rows(table_rows, fn.work_dir, fn.columns)
+        done = gather_rows(table_rows, fn.work_dir, task.columns, task.key)
         todo = missing(wanted, done)
         if not todo:
             return
-        steps = [tuple(int(i) for i in todo[s:s + images_per_step])
-                 for s in range(0, len(todo), images_per_step)]
         try:
-            with PartsProgress(fn.work_dir, len(wanted), len(wanted) - len(todo)):
-                run_pipeline(fn, pipeline_options, steps)
+            with PartsProgress(fn.work_dir, len(wanted), len(wanted) - len(todo), task.unit):
+                run_pipeline(fn, pipeline_options, task.steps(todo))
         except Exception as err:  # any failure of the run: its finished steps are kept
             message = last_line(err)
             cli.require(attempt < MAX_ATTEMPTS,
                         f"the Beam pipeline failed {MAX_ATTEMPTS} times (last: {message}); "
                         "rerun the same command to resume: finished examples are kept")
             print(f"warning: Beam pipeline attempt {attempt} failed ({message}); retrying "
-                  "the examples without rows", file=sys.stderr, flush=True)
+                  "the rows not yet written", file=sys.stderr, flush=True)
 
 
 def last_line(err: BaseException | str) -> str:
@@ -256,13 +314,12 @@ def last_line(err: BaseException | str) -> str:
     return lines[-1] if lines else type(err).__name__
 
 
-def run_pipeline(fn: "CertifyStepFn", pipeline_options: PipelineOptions,
-                 steps: Sequence[tuple[int, ...]]) -> None:
-    """One pipeline run: the steps spread over the workers, certified by ``fn``."""
+def run_pipeline(fn: "StepFn", pipeline_options: PipelineOptions, steps: Sequence[Any]) -> None:
+    """One pipeline run: the steps spread over the workers, computed by ``fn``."""
     with WorkerDeathWatch(), beam.Pipeline(runner=local_runner(pipeline_options),
                                            options=pipeline_options) as pipeline:
         (pipeline | "Steps" >> beam.Create(steps) | "Spread" >> beam.Reshuffle()
-         | "Certify" >> beam.ParDo(fn))
+         | "Compute" >> beam.ParDo(fn))
 
 
 def local_runner(pipeline_options: PipelineOptions):
@@ -282,13 +339,14 @@ def local_runner(pipeline_options: PipelineOptions):
 
 
 def missing(wanted: Sequence[str], rows: dict[str, dict[str, str]]) -> list[str]:
-    """The wanted indices that have no row."""
-    return [i for i in wanted if i not in rows]
+    """The wanted keys that have no row."""
+    return [k for k in wanted if k not in rows]
 
 
-def part_path(work_dir: str, step: Sequence[int]) -> str:
-    """The part file of a step: its name depends only on the step's indices."""
-    return FileSystems.join(work_dir, f"part-{step[0]:010d}-{len(step)}.tsv")
+def part_path(work_dir: str, label: str, size: int) -> str:
+    """The part file of a step of label ``label`` (a function of the step's contents) and
+    ``size`` rows."""
+    return FileSystems.join(work_dir, f"part-{label}-{size}.tsv")
 
 
 def part_paths(work_dir: str) -> list[str]:
@@ -297,12 +355,13 @@ def part_paths(work_dir: str) -> list[str]:
     return sorted(m.path for m in matched.metadata_list)
 
 
-def write_part(path: str, columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> None:
-    """Writes a step's rows to ``path`` atomically (complete or absent); on a local disk
-    durably too (synced before and after the rename)."""
+def write_part(path: str, columns: Sequence[str], key: str,
+               rows: Sequence[dict[str, Any]]) -> None:
+    """Writes a step's rows (identified by column ``key``) to ``path`` atomically (complete
+    or absent); on a local disk durably too (synced before and after the rename)."""
     if is_local(path):
         partial = f"{path}.{uuid.uuid4().hex}.partial"  # one per attempt: never shared
-        results.ResultTable(partial, columns, "index").append(rows)
+        results.ResultTable(partial, columns, key).append(rows)
         os.replace(partial, path)
         directory = os.open(os.path.dirname(path), os.O_RDONLY)
         try:
@@ -312,7 +371,7 @@ def write_part(path: str, columns: Sequence[str], rows: Sequence[dict[str, Any]]
     else:
         with tempfile.TemporaryDirectory() as scratch:
             local = os.path.join(scratch, os.path.basename(path))
-            results.ResultTable(local, columns, "index").append(rows)
+            results.ResultTable(local, columns, key).append(rows)
             put(local, path)
 
 
@@ -323,23 +382,23 @@ def read_part(path: str) -> list[dict[str, str]]:
     return list(csv.DictReader(io.StringIO(text, newline=""), delimiter="\t"))
 
 
-def gather_rows(table_rows: Sequence[dict[str, str]], work_dir: str,
-                columns: Sequence[str]) -> dict[str, dict[str, str]]:
-    """Every row written so far by index: the TSV's, then the part files' (in name
-    order); an index seen twice keeps its first row."""
-    rows = {row["index"]: row for row in table_rows}
+def gather_rows(table_rows: Sequence[dict[str, str]], work_dir: str, columns: Sequence[str],
+                key: str) -> dict[str, dict[str, str]]:
+    """Every row written so far by its ``key`` column: the TSV's, then the part files' (in
+    name order); a key seen twice keeps its first row."""
+    rows = {row[key]: row for row in table_rows}
     for path in part_paths(work_dir):
         part = read_part(path)
         cli.require(not part or list(part[0]) == list(columns),
                     f"{path} has other columns than {list(columns)}: delete it to recompute "
-                    "its examples")
+                    "its rows")
         for row in part:
-            rows.setdefault(row["index"], row)
+            rows.setdefault(row[key], row)
     return rows
 
 
 def clear_work_dir(work_dir: str) -> None:
-    """Deletes the work directory's files (its rows are in certify.tsv now) and a local
+    """Deletes the work directory's files (their rows are in the TSV now) and a local
     work directory itself."""
     if is_local(work_dir):
         shutil.rmtree(work_dir, ignore_errors=True)
@@ -349,59 +408,102 @@ def clear_work_dir(work_dir: str) -> None:
             FileSystems.delete([m.path for m in matched])
 
 
-def write_table(path: str, columns: Sequence[str], rows: dict[str, dict[str, str]]) -> None:
-    """Writes ``certify.tsv`` whole and atomically: every row, sorted by index."""
-    ordered = [rows[i] for i in sorted(rows, key=int)]
+def write_table(path: str, columns: Sequence[str], rows: dict[str, dict[str, str]],
+                order: Callable[[str], Any]) -> None:
+    """Writes the TSV whole and atomically: every row, sorted by ``order`` of its key."""
+    ordered = [rows[k] for k in sorted(rows, key=order)]
     results.write_atomic(path, "\t".join(columns) + "\n" + "".join(
         "\t".join(row[c] for c in columns) + "\n" for row in ordered))
 
 
-class CertifyStepFn(beam.DoFn):
-    """Certifies steps of example indices; each worker loads the data and model once.
+class CertifyTask:
+    """Certification as a `StepTask`: steps of ``images_per_step`` indices, certified with
+    `tfcert.certification.certify_step` (rows keyed by index).
 
     Args:
         options: the run's options (a namespace with every option and ``model_sha256``).
-        model: the staged model file (any Beam file system).
-        work_dir: where each step's part file goes.
         columns: the TSV columns.
+        images_per_step: examples per step.
+    """
+
+    key, unit = "index", "certified"
+
+    def __init__(self, options: argparse.Namespace, columns: Sequence[str],
+                 images_per_step: int):
+        self.options, self.columns, self.images_per_step = options, list(columns), images_per_step
+        self.models = {"model": (options.model, options.model_sha256)}
+
+    def steps(self, todo: list[str]) -> list[tuple[int, ...]]:
+        return [tuple(int(i) for i in todo[s:s + self.images_per_step])
+                for s in range(0, len(todo), self.images_per_step)]
+
+    def label(self, step: tuple[int, ...]) -> str:
+        # the first index names the step: it has no row yet, so no earlier part has it
+        return f"{step[0]:010d}"
+
+    def size(self, step: tuple[int, ...]) -> int:
+        return len(step)
+
+    def example_indices(self, step: tuple[int, ...]) -> tuple[int, ...]:
+        return step
+
+    def order(self, key: str) -> int:
+        return int(key)
+
+    def setup(self, models: dict[str, str]) -> None:
+        o = self.options
+        self.indices, self.images, self.labels, meta = cli.select_examples(o)
+        self.position = {int(index): p for p, index in enumerate(self.indices)}
+        self.certifier = certification.make_certifier(o)
+        self.certifier.setup(cli.load_model(models["model"]), meta.num_classes)
+
+    def run(self, step: tuple[int, ...]) -> list[dict[str, Any]]:
+        unknown = [i for i in step if i not in self.position]
+        if unknown:
+            raise RuntimeError(f"this worker's data selection lacks index {unknown[0]}: "
+                               "give every worker the driver's data")
+        p = [self.position[i] for i in step]
+        return certification.certify_step(self.certifier, self.images[p], self.labels[p],
+                                          self.indices[p])
+
+
+class StepFn(beam.DoFn):
+    """Computes steps of a task; each worker sets the task up (data, models) once.
+
+    Args:
+        task: the work (`StepTask`).
+        models: the staged model files by name (any Beam file system).
+        work_dir: where each step's part file goes.
         intra_op_threads: TensorFlow intra-op threads of the worker (None: TF's default).
     """
 
-    def __init__(self, options: argparse.Namespace, model: str, work_dir: str,
-                 columns: Sequence[str], intra_op_threads: int | None):
-        self.options, self.model, self.work_dir = options, model, work_dir
-        self.columns, self.intra_op_threads = list(columns), intra_op_threads
+    def __init__(self, task: StepTask, models: dict[str, str], work_dir: str,
+                 intra_op_threads: int | None):
+        self.task, self.models, self.work_dir = task, dict(models), work_dir
+        self.intra_op_threads = intra_op_threads
 
     def setup(self) -> None:
-        o = self.options
         set_intra_op_threads(self.intra_op_threads)
-        self.indices, self.images, self.labels, meta = cli.select_examples(o)
-        self.position = {int(index): p for p, index in enumerate(self.indices)}
         self.scratch = tempfile.mkdtemp(prefix="tfcert-beam-")
-        model = fetch(self.model, self.scratch)
-        sha256 = cli.file_sha256(model)
-        if sha256 != o.model_sha256:
-            raise RuntimeError(f"{self.model} is not the driver's model (SHA-256 {sha256} != "
-                               f"{o.model_sha256}): delete it and rerun")
-        self.certifier = certification.make_certifier(o)
-        self.certifier.setup(cli.load_model(model), meta.num_classes)
+        local = {}
+        for name, staged in self.models.items():
+            local[name] = fetch(staged, self.scratch)
+            sha256, expected = cli.file_sha256(local[name]), self.task.models[name][1]
+            if sha256 != expected:
+                raise RuntimeError(f"{staged} is not the driver's model (SHA-256 {sha256} != "
+                                   f"{expected}): delete it and rerun")
+        self.task.setup(local)
 
     def teardown(self) -> None:
         shutil.rmtree(self.scratch, ignore_errors=True)
 
-    def process(self, step: tuple[int, ...]):
-        path = part_path(self.work_dir, step)
+    def process(self, step):
+        task = self.task
+        path = part_path(self.work_dir, task.label(step), task.size(step))
         if not FileSystems.exists(path):  # else a retried bundle: the step's rows are durable
-            unknown = [i for i in step if i not in self.position]
-            if unknown:
-                raise RuntimeError(f"this worker's data selection lacks index {unknown[0]}: "
-                                   "give every worker the driver's data")
-            p = [self.position[i] for i in step]
-            rows = certification.certify_step(self.certifier, self.images[p], self.labels[p],
-                                              self.indices[p])
-            write_part(path, self.columns, rows)
-            inject_failure_once(step, self.work_dir)
-        yield len(step)
+            write_part(path, task.columns, task.key, task.run(step))
+            inject_failure_once(task.example_indices(step), self.work_dir)
+        yield task.size(step)
 
 
 def set_intra_op_threads(threads: int | None) -> None:
@@ -416,12 +518,12 @@ def set_intra_op_threads(threads: int | None) -> None:
             pass
 
 
-def inject_failure_once(step: Sequence[int], work_dir: str) -> None:
-    """Fails once per run if the step holds the index of ``$TFCERT_BEAM_INJECT_FAILURE``:
-    raises, or ends the worker process with ``<index>:exit`` (the failure tests' hook;
-    unset, it does nothing)."""
+def inject_failure_once(indices: Sequence[int], work_dir: str) -> None:
+    """Fails once per run if a step's example ``indices`` hold the index of
+    ``$TFCERT_BEAM_INJECT_FAILURE``: raises, or ends the worker process with
+    ``<index>:exit`` (the failure tests' hook; unset, it does nothing)."""
     target, _, how = os.environ.get(INJECT_FAILURE, "").partition(":")
-    if not target or int(target) not in step:
+    if not target or int(target) not in indices:
         return
     marker = FileSystems.join(work_dir, f"injected-{target}")
     if not FileSystems.exists(marker):
@@ -480,11 +582,11 @@ class PartsProgress:
     """A progress bar of the run (`tfcert.cli.Progress`), fed by the part files as they
     land (read from their names every `PROGRESS_SECONDS`)."""
 
-    def __init__(self, work_dir: str, total: int, done: int):
+    def __init__(self, work_dir: str, total: int, done: int, unit: str):
         self.work_dir, self.start = work_dir, done
         self.before = set(self._parts())
         self.stop = threading.Event()
-        self.progress = cli.Progress(total, "certified", done)
+        self.progress = cli.Progress(total, unit, done)
         self.thread = threading.Thread(target=self._watch, daemon=True)
 
     def _parts(self) -> list[str]:

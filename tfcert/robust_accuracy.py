@@ -19,6 +19,17 @@ classified correctly (else it is judged on the clean image).  At the end: a tabl
 stdout, ``robust_accuracy.tsv``, ``robust_accuracy.png`` and ``summary.txt``.
 `analyze` draws several finished runs on one figure (Zhang & Liang Fig. 2, STN Figs. 2–3).
 
+**Per-example randomness** (``config.json``: ``"randomness": "per-example"``).  Every
+random draw of a row (the attack's random start, proposals and EOT draws, the
+defense's draws when it classifies, the smoothed defense's votes) comes from stateless
+keys of the example alone: `tfcert.smoothing.draw_keys` of a run key made from
+(``--seed``, purpose, ε) and the example's index in the split (`example_keys`; ε is left
+out for the minimum-norm attacks, whose attack serves every ε, and for the clean
+prediction).  So a row does not depend on ``--batch_size``, on the other examples of its
+batch or on the worker (``--engine=beam``, `tfcert.beam_pipeline`): up to the last
+float32 bits of the model's outputs, which may differ between batch sizes.  Runs made
+before (one seed per batch) are refused (`check_randomness`).
+
 Options are attributes of ``o`` (``absl.flags.FLAGS`` in the script, or a namespace).
 """
 
@@ -38,25 +49,32 @@ ATTACKS = ("pgd_linf", "pgd_l2", "cw_l2", "boundary", "transfer")
 MINIMUM_NORM = ("cw_l2", "boundary")
 DEFAULT_STEPS = {"pgd_linf": 40, "pgd_l2": 40, "transfer": 40, "cw_l2": 100, "boundary": 1000}
 
+TSV = "attack.tsv"
+UNIT = "attacked (ε, example) pairs"
 COLUMNS = ["key", "eps", "index", "label", "clean_prediction", "adv_prediction", "distance",
            "robust", "seconds"]
-# Flags that never change a row (where the run goes, which rows are wanted, how it is
-# shown); every other flag, including any added later, is the run's identity.  Models are
-# identified by their SHA-256, not their paths.  (--batch_size is not operational: an
-# attack draws the random starts of a batch from one seed.)
+# Flags that never change a row (where and how fast the run goes, which rows are wanted,
+# how it is shown); every other flag, including any added later, is the run's identity.
+# Models are identified by their SHA-256, not their paths.
 OPERATIONAL = frozenset({"output_dir", "model", "source_model", "num_examples", "eps",
-                         "download", "analyze"})
+                         "download", "analyze", "batch_size", "engine", "beam_options"})
+# How the rows' randomness is drawn (config.json "randomness"); a run directory with
+# another value (older runs have none: one seed per batch) is refused.
+RANDOMNESS = "per-example"
+# Purposes of the run keys (`purpose_key`): the attack's draws, the defense's draws when
+# it classifies the clean and the adversarial images.
+ATTACK, CLEAN, ADVERSARIAL = 0, 1, 2
 
 
 @dataclasses.dataclass
 class Defense:
     """A defended classifier: the model attacks differentiate, and its class scores."""
 
-    attack_model: Callable  # images -> logits (randomized: one draw)
-    scores: Callable  # (images, seed) -> per-class scores [batch, k] (numpy)
+    attack_model: Callable  # a tfcert.attacks.KeyedDefense: base(layer(x)), keyed draws
+    scores: Callable  # (images, run key, indices) -> per-class scores [batch, k] (numpy)
 
-    def classify(self, x, seed: int):
-        return self.scores(x, seed).argmax(axis=1)
+    def classify(self, x, run_key, indices) -> "np.ndarray":
+        return self.scores(x, run_key, indices).argmax(axis=1)
 
 
 def eps_grid(o) -> list[float]:
@@ -85,61 +103,201 @@ def key(eps: float, index) -> str:
 
 
 def sweep(o, grid: list[float]) -> None:
-    """The resumable loop over (ε, batch) — one attack per batch for minimum-norm attacks."""
-    import numpy as np
-
+    """The resumable sweep: prepares the run directory, computes the missing rows (in this
+    process, or on Beam with ``--engine=beam``), then `summarize`."""
     from tfcert import results
 
+    pipeline_options = None
+    if o.engine == "beam":
+        from tfcert import beam_pipeline  # the one-line error without Beam, before any output
+
+        pipeline_options = beam_pipeline.parse_pipeline_options(o.beam_options)
     indices, images, labels, meta = cli.select_examples(o, shard=False)
     base = cli.load_model(o.model)
     cli.check_model_fits(base, meta, o.model, o.dataset)
     source = cli.load_model(o.source_model) if o.source_model else None
     if source is not None:
         cli.check_model_fits(source, meta, o.source_model, o.dataset)
-    config = {**cli.script_flags(), "model_sha256": cli.file_sha256(o.model),
-              "source_model_sha256": (cli.file_sha256(o.source_model)
-                                      if o.source_model else None),
-              "steps": o.steps or DEFAULT_STEPS[o.attack],
-              "eot_samples": o.eot_samples or (20 if o.defense in RANDOMIZED else 1)}
+    config = run_config(o, cli.script_flags())
+    check_randomness(o.output_dir)
     results.prepare_run_dir(o.output_dir, config, OPERATIONAL, cli.flag_defaults())
-    table = results.ResultTable(os.path.join(o.output_dir, "attack.tsv"), COLUMNS, "key")
-    defense = build_defense(o, base, meta.num_classes)
-    attack = make_attack(o, defense, source, config)
-    done = table.done
-    if o.attack in MINIMUM_NORM:  # one attack per example serves every ε
-        jobs = [(grid, chunk) for chunk in batches(o, indices, grid, done)]
+    lock = results.lock_run_dir(o.output_dir)
+    table = results.ResultTable(os.path.join(o.output_dir, TSV), COLUMNS, "key")
+    if pipeline_options is not None:
+        task = AttackTask(beam_pipeline.worker_options(config), grid, indices)
+        gathered = beam_pipeline.run_steps(task, pipeline_options, o.output_dir, table,
+                                           [key(e, i) for e in grid for i in indices])
+        rows = list(gathered.values())
     else:
-        jobs = [([e], chunk) for e in grid for chunk in batches(o, indices, [e], done)]
-    total = len(grid) * len(indices)
-    progress = cli.Progress(total, "attacked (ε, example) pairs", len(done & wanted(indices, grid)))
-    for eps_values, chunk in jobs:
-        began = time.time()
-        seed = int(np.random.SeedSequence([o.seed, int(indices[chunk[0]]),
-                                           round(eps_values[0] * 1e6)]).generate_state(1)[0])
-        x, y = images[chunk], labels[chunk]
-        x_adv = np.asarray(attack(x, y, eps_values[0], seed))
-        clean, adv = defense.classify(x, seed + 1), defense.classify(x_adv, seed + 2)
-        distance = norms(o, x_adv - x)
-        seconds = (time.time() - began) / len(chunk)
-        rows = [{"key": key(e, indices[p]), "eps": e, "index": indices[p], "label": y[j],
-                 "clean_prediction": clean[j], "adv_prediction": adv[j], "distance": distance[j],
-                 "robust": int((adv[j] if distance[j] <= e or o.attack not in MINIMUM_NORM
-                                else clean[j]) == y[j]), "seconds": seconds}
-                for e in eps_values for j, p in enumerate(chunk)
-                if key(e, indices[p]) not in done]
-        table.append(rows)
-        progress.update(progress.done + len(rows))
-    summarize(o, table.rows, indices, grid)
+        attacker = Attacker(o, config, indices, images, labels, base, source, meta.num_classes)
+        todo = wanted(indices, grid) - table.done
+        total = len(grid) * len(indices)
+        progress = cli.Progress(total, UNIT, total - len(todo))
+        for eps_values, step in plan(o, grid, indices, todo):
+            new = [row for row in attacker.rows(eps_values, step) if row["key"] in todo]
+            table.append(new)
+            progress.update(progress.done + len(new))
+        rows = table.rows
+    summarize(o, rows, indices, grid)
+    lock.close()
+
+
+def run_config(o, flags: dict) -> dict:
+    """The run's ``config.json``: every flag, the models' SHA-256, the resolved ``steps``
+    and ``eot_samples``, and `RANDOMNESS`."""
+    return {**flags, "model_sha256": cli.file_sha256(o.model),
+            "source_model_sha256": cli.file_sha256(o.source_model) if o.source_model else None,
+            "steps": o.steps or DEFAULT_STEPS[o.attack],
+            "eot_samples": o.eot_samples or (20 if o.defense in RANDOMIZED else 1),
+            "randomness": RANDOMNESS}
+
+
+def check_randomness(output_dir: str) -> None:
+    """Refuses a run directory whose rows were drawn another way than `RANDOMNESS` (runs of
+    tfcert before per-example seeding drew one seed per batch)."""
+    from tfcert import results
+
+    path = os.path.join(output_dir, "config.json")
+    if not os.path.exists(path):
+        return
+    found = results.read_config(path).get("randomness", "per-batch")
+    if found != RANDOMNESS:
+        raise results.RunConfigMismatchError(
+            f"the run in {output_dir} was made by an older tfcert-attack that seeded the "
+            f"attack randomness per batch ({found}), and this one seeds it per example: its "
+            "rows cannot be continued; use another --output_dir (or delete it to rerun)")
 
 
 def wanted(indices, grid) -> set[str]:
     return {key(e, i) for e in grid for i in indices}
 
 
-def batches(o, indices, grid, done: set[str]) -> list[list[int]]:
-    """Positions of the examples with a row missing for some ε of ``grid``, in batches."""
-    todo = [p for p, i in enumerate(indices) if any(key(e, i) not in done for e in grid)]
-    return [todo[s:s + o.batch_size] for s in range(0, len(todo), o.batch_size)]
+def plan(o, grid, indices, todo: set[str]) -> list[tuple[tuple[float, ...], tuple[int, ...]]]:
+    """The steps of work: (ε values, indices of at most ``--batch_size`` examples) with a
+    row of ``todo`` among them; one ε per step, or the whole grid for a minimum-norm
+    attack (one attack serves every ε)."""
+    groups = [tuple(grid)] if o.attack in MINIMUM_NORM else [(e,) for e in grid]
+    steps = []
+    for eps_values in groups:
+        missing = [int(i) for i in indices if any(key(e, i) in todo for e in eps_values)]
+        steps += [(eps_values, tuple(missing[s:s + o.batch_size]))
+                  for s in range(0, len(missing), o.batch_size)]
+    return steps
+
+
+def purpose_key(seed: int, purpose: int, eps: float | None = None) -> "np.ndarray":
+    """The stateless run key (int64 [2]) of (seed, purpose, ε): from
+    `numpy.random.SeedSequence` of the seed, the purpose and ε's float64 bits."""
+    import numpy as np
+
+    from tfcert import smoothing
+
+    entropy = [seed, purpose] + ([] if eps is None else [int(np.float64(eps).view(np.int64))])
+    return smoothing.run_key(np.random.SeedSequence(entropy).generate_state(2, np.uint64)
+                             .view(np.int64))
+
+
+def example_keys(seed: int, purpose: int, eps: float | None, indices) -> "tf.Tensor":
+    """Per-example keys int64 [batch, 2] of a purpose: `tfcert.smoothing.draw_keys` of the
+    run key `purpose_key` and the examples' indices (what `SmoothedClassifier.sample_counts`
+    derives from that run key and the indices)."""
+    from tfcert import smoothing
+
+    return smoothing.draw_keys(purpose_key(seed, purpose, eps), smoothing.ESTIMATION, indices)
+
+
+class Attacker:
+    """The rows of steps of work: holds the examples, the defense and the attack.
+
+    Args:
+        o: the run's options.
+        config: the run's configuration (`run_config`).
+        indices, images, labels: the selected examples.
+        base, source: the base model and (``transfer``) the source model.
+        num_classes: classes of the dataset.
+    """
+
+    def __init__(self, o, config: dict, indices, images, labels, base, source,
+                 num_classes: int):
+        self.o, self.images, self.labels = o, images, labels
+        self.position = {int(index): p for p, index in enumerate(indices)}
+        self.defense = build_defense(o, base, num_classes)
+        self.attack = make_attack(o, self.defense, source, config)
+
+    def rows(self, eps_values: tuple[float, ...], step: tuple[int, ...]) -> list[dict]:
+        """Every row (each ε of ``eps_values`` × each example of ``step``) of a step."""
+        import numpy as np
+
+        o = self.o
+        unknown = [i for i in step if i not in self.position]
+        cli.require(not unknown, f"index {unknown[0] if unknown else ''} is not in the data "
+                    "selection of this process: give it the driver's data options")
+        began = time.time()
+        p = [self.position[i] for i in step]
+        x, y, ids = self.images[p], self.labels[p], np.asarray(step, np.int64)
+        eps = None if o.attack in MINIMUM_NORM else eps_values[0]
+        x_adv = np.asarray(self.attack(x, y, eps_values[0],
+                                       example_keys(o.seed, ATTACK, eps, ids)))
+        clean = self.defense.classify(x, purpose_key(o.seed, CLEAN), ids)
+        adv = self.defense.classify(x_adv, purpose_key(o.seed, ADVERSARIAL, eps), ids)
+        distance = norms(o, x_adv - x)
+        seconds = (time.time() - began) / len(step)
+        return [{"key": key(e, i), "eps": e, "index": i, "label": y[j],
+                 "clean_prediction": clean[j], "adv_prediction": adv[j],
+                 "distance": distance[j],
+                 "robust": int((adv[j] if distance[j] <= e or o.attack not in MINIMUM_NORM
+                                else clean[j]) == y[j]), "seconds": seconds}
+                for e in eps_values for j, i in enumerate(step)]
+
+
+class AttackTask:
+    """The sweep as a task of the Beam engine (`tfcert.beam_pipeline.run_steps`): the
+    driver plans the steps, each worker builds an `Attacker` once and computes steps.
+
+    Args:
+        options: the run's configuration (`run_config`) as a namespace.
+        grid: the ε values.
+        indices: the selected examples' indices.
+    """
+
+    columns, key, unit = COLUMNS, "key", UNIT
+
+    def __init__(self, options, grid: list[float], indices):
+        self.options = options
+        self.grid, self.indices = list(grid), [int(i) for i in indices]
+        self.models = {"model": (options.model, options.model_sha256)}
+        if options.source_model:
+            self.models["source_model"] = (options.source_model, options.source_model_sha256)
+
+    def steps(self, todo: list[str]) -> list[tuple[tuple[float, ...], tuple[int, ...]]]:
+        return plan(self.options, self.grid, self.indices, set(todo))
+
+    def label(self, step) -> str:
+        """The part-file label: the first index and a digest of the step (ε values, indices)."""
+        import hashlib
+
+        digest = hashlib.sha256(repr(step).encode()).hexdigest()[:12]
+        return f"{step[1][0]:010d}-{digest}"
+
+    def size(self, step) -> int:
+        return len(step[0]) * len(step[1])
+
+    def example_indices(self, step) -> tuple[int, ...]:
+        return step[1]
+
+    def order(self, row_key: str) -> tuple[float, int]:
+        eps, index = row_key.split("/")
+        return float(eps), int(index)
+
+    def setup(self, models: dict[str, str]) -> None:
+        o = self.options
+        indices, images, labels, meta = cli.select_examples(o, shard=False)
+        source = cli.load_model(models["source_model"]) if "source_model" in models else None
+        self.attacker = Attacker(o, vars(o), indices, images, labels,
+                                 cli.load_model(models["model"]), source, meta.num_classes)
+
+    def run(self, step) -> list[dict]:
+        return self.attacker.rows(*step)
 
 
 def norms(o, delta):
@@ -172,41 +330,50 @@ def defense_layer(o):
 
 
 def build_defense(o, base, num_classes: int) -> Defense:
-    import keras
+    """The defense of ``--defense`` around ``base``: keyed per example (`Defense.classify`
+    of a randomized defense draws example b's noise from its key, one draw per image;
+    ``smoothed`` counts ``--num_votes`` keyed votes, STN Algorithm 1)."""
     import tensorflow as tf
 
-    layer = defense_layer(o)
-    model = base if layer is None else keras.Sequential([layer, base])
-    if o.defense == "smoothed":
-        from tfcert.smoothing import SmoothedClassifier
+    from tfcert import smoothing
+    from tfcert.attacks import KeyedDefense
 
-        smoothed = SmoothedClassifier(base, num_classes, defense_layer(o))
-        return Defense(model, lambda x, seed: smoothed.sample_counts(x, o.num_votes,
-                                                                     seed=seed))
-    logits = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
-    return Defense(model, lambda x, seed: logits(tf.constant(x)).numpy())
+    model = KeyedDefense(base, defense_layer(o))
+    if o.defense == "smoothed":
+        smoothed = smoothing.SmoothedClassifier(base, num_classes, defense_layer(o))
+        return Defense(model, lambda x, run_key, indices: smoothed.sample_counts(
+            x, o.num_votes, seed=run_key, indices=indices))
+    logits = tf.function(lambda x, keys: model.group_logits(x[:, None], keys, 0)[:, 0],
+                         reduce_retracing=True)
+
+    def scores(x, run_key, indices):
+        keys = smoothing.draw_keys(run_key, smoothing.ESTIMATION, indices)
+        return logits(tf.constant(x), keys).numpy()
+
+    return Defense(model, scores)
 
 
 def make_attack(o, defense: Defense, source, config: dict) -> Callable:
-    """``attack(x, y, eps, seed) -> x_adv`` for --attack with the run's settings."""
+    """``attack(x, y, eps, keys) -> x_adv`` for --attack with the run's settings (``keys``:
+    the examples' stateless keys [batch, 2])."""
     from tfcert import attacks
 
     steps, eot = config["steps"], config["eot_samples"]
     pgd_settings = dict(steps=steps, step_size=o.step_size, loss=o.loss,
                         confidence=o.confidence)
     if o.attack == "transfer":
-        return lambda x, y, eps, seed: attacks.pgd(source, x, y, eps, norm=o.transfer_norm,
-                                                   seed=seed, **pgd_settings)
+        return lambda x, y, eps, keys: attacks.pgd(source, x, y, eps, norm=o.transfer_norm,
+                                                   seed=keys, **pgd_settings)
     if o.attack == "cw_l2":
-        return lambda x, y, eps, seed: attacks.carlini_wagner_l2(
+        return lambda x, y, eps, keys: attacks.carlini_wagner_l2(
             defense.attack_model, x, y, confidence=o.confidence,
             initial_const=o.initial_const, binary_search_steps=o.binary_search_steps,
-            steps=steps, learning_rate=o.learning_rate, eot_samples=eot)
+            steps=steps, learning_rate=o.learning_rate, eot_samples=eot, seed=keys)
     if o.attack == "boundary":
-        return lambda x, y, eps, seed: attacks.boundary_attack(
-            defense.attack_model, x, y, steps=steps, trials=o.trials, seed=seed)
-    return lambda x, y, eps, seed: attacks.pgd(
-        defense.attack_model, x, y, eps, norm=attack_norm(o), eot_samples=eot, seed=seed,
+        return lambda x, y, eps, keys: attacks.boundary_attack(
+            defense.attack_model, x, y, steps=steps, trials=o.trials, seed=keys)
+    return lambda x, y, eps, keys: attacks.pgd(
+        defense.attack_model, x, y, eps, norm=attack_norm(o), eot_samples=eot, seed=keys,
         **pgd_settings)
 
 

@@ -27,12 +27,13 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from tfcert.attacks.eot import Seed, as_seed
+from tfcert.attacks.eot import (ATTACK_STREAM, DEFENSE_STREAM, KeyedDefense, Seed, as_seed,
+                                example_keys, fold_rows)
 
 _BINARY_SEARCH_STEPS = 25
 
 
-def boundary_attack(model: keras.Model, x, y, steps: int = 1000, trials: int = 20,
+def boundary_attack(model: keras.Model | KeyedDefense, x, y, steps: int = 1000, trials: int = 20,
                     spherical_step: float = 0.01, source_step: float = 0.01,
                     step_adaptation: float = 1.5, init_attempts: int = 100,
                     seed: Seed = None) -> tf.Tensor:
@@ -44,7 +45,8 @@ def boundary_attack(model: keras.Model, x, y, steps: int = 1000, trials: int = 2
     sees one label per query), so its answers are noisy, as STN Appendix D.2 observes.
 
     Args:
-        model: Keras model giving logits (only the argmax is used), possibly randomized.
+        model: Keras model giving logits (only the argmax is used), possibly randomized,
+            or a `tfcert.attacks.KeyedDefense` (one keyed draw per query).
         x: images ``[batch, ...]`` in [0, 1].
         y: true labels ``[batch]``; an example is adversarial when the prediction ≠ y.
         steps: iterations of the random walk.
@@ -53,7 +55,9 @@ def boundary_attack(model: keras.Model, x, y, steps: int = 1000, trials: int = 2
         source_step: initial relative size of the step towards ``x``.
         step_adaptation: factor (> 1) by which the step sizes grow or shrink.
         init_attempts: uniform-noise draws tried to find a start point.
-        seed: int or stateless seed ``[2]``; ``None`` draws one.
+        seed: int, stateless seed ``[2]`` or per-example keys ``[batch, 2]``; an
+            example's start, proposals and (`KeyedDefense`) query draws come from its own
+            key only.  ``None`` draws one.
 
     Returns:
         float32 images in [0, 1]: ``x`` itself where ``x`` is already misclassified or no
@@ -75,7 +79,7 @@ def boundary_attack(model: keras.Model, x, y, steps: int = 1000, trials: int = 2
         model, x, tf.cast(y, tf.int64), tf.constant(steps, tf.int32),
         tf.constant(trials, tf.int32), tf.constant(spherical_step, tf.float32),
         tf.constant(source_step, tf.float32), tf.constant(step_adaptation, tf.float32),
-        tf.constant(init_attempts, tf.int32), as_seed(seed)))
+        tf.constant(init_attempts, tf.int32), as_seed(seed, x.shape[0])))
 
 
 @tf.function(reduce_retracing=True)
@@ -83,22 +87,30 @@ def _boundary_attack(model, x, y, steps, trials, spherical_step, source_step, ad
                      init_attempts, seed):
     image_shape = tf.shape(x)[1:]
     flat = tf.reshape(x, [tf.shape(x)[0], -1])
+    keys = fold_rows(example_keys(seed, tf.shape(x)[0]), ATTACK_STREAM)
+    query_keys = fold_rows(example_keys(seed, tf.shape(x)[0]), DEFENSE_STREAM)
 
-    def is_adversarial(candidates):  # [..., batch, D] -> [..., batch] bool
+    def is_adversarial(candidates, draw):  # [batch, D] or [trials, batch, D] -> [..., batch]
+        if isinstance(model, KeyedDefense):  # one keyed draw per query
+            groups = candidates[:, None] if candidates.shape.rank == 2 else tf.transpose(
+                candidates, [1, 0, 2])
+            images = tf.reshape(groups, tf.concat([tf.shape(groups)[:2], image_shape], 0))
+            labels = tf.argmax(model.group_logits(images, query_keys, draw), axis=-1)
+            labels = labels[:, 0] if candidates.shape.rank == 2 else tf.transpose(labels)
+            return labels != y
         images = tf.reshape(candidates, tf.concat([[-1], image_shape], 0))
         labels = tf.argmax(model(images, training=False), axis=-1)
         return tf.reshape(labels, tf.shape(candidates)[:-1]) != y
 
-    start, found = _start_points(flat, is_adversarial, init_attempts,
-                                 tf.random.experimental.stateless_fold_in(seed, 0))
-    walk_seed = tf.random.experimental.stateless_fold_in(seed, 1)
+    start, found = _start_points(flat, is_adversarial, init_attempts, fold_rows(keys, 0))
+    walk_keys = fold_rows(keys, 1)
+    first_walk_draw = 1 + init_attempts + _BINARY_SEARCH_STEPS  # query draws of the start
 
     def step(t, adv, spherical, source):
-        proposals, on_sphere = _proposals(
-            flat, adv, spherical, source, trials,
-            tf.random.experimental.stateless_fold_in(walk_seed, t))
-        sphere_ok = is_adversarial(on_sphere)
-        proposal_ok = is_adversarial(proposals)
+        proposals, on_sphere = _proposals(flat, adv, spherical, source, trials,
+                                          fold_rows(walk_keys, t))
+        sphere_ok = is_adversarial(on_sphere, first_walk_draw + 2 * t)
+        proposal_ok = is_adversarial(proposals, first_walk_draw + 2 * t + 1)
         distances = tf.where(proposal_ok, tf.norm(proposals - flat, axis=-1), float("inf"))
         best = tf.argmin(distances, axis=0, output_type=tf.int32)
         best_distance = tf.reduce_min(distances, axis=0)
@@ -115,17 +127,21 @@ def _boundary_attack(model, x, y, steps, trials, spherical_step, source_step, ad
     return tf.reshape(adv, tf.shape(x))
 
 
-def _start_points(flat, is_adversarial, attempts, seed):
+def _start_points(flat, is_adversarial, attempts, keys):
     """First misclassified uniform-noise image, then binary search towards ``flat``.
 
-    Returns (start [batch, D], found [batch]); examples already misclassified start at
-    (and stay at) the original, and so do those with no misclassified noise image."""
-    already = is_adversarial(flat)
+    Attempt i of example b draws from ``fold_in(keys[b], i)`` (query draw 1 + i; the
+    search's queries follow).  Returns (start [batch, D], found [batch]); examples
+    already misclassified start at (and stay at) the original, and so do those with no
+    misclassified noise image."""
+    already = is_adversarial(flat, 0)
+    fold_in = tf.random.experimental.stateless_fold_in
 
     def draw(i, noise, found):
-        candidate = tf.random.stateless_uniform(
-            tf.shape(flat), tf.random.experimental.stateless_fold_in(seed, i))
-        new = ~found & is_adversarial(candidate)
+        candidate = tf.map_fn(
+            lambda key: tf.random.stateless_uniform(tf.shape(flat)[1:], fold_in(key, i)), keys,
+            fn_output_signature=tf.TensorSpec(flat.shape[1:], tf.float32))
+        new = ~found & is_adversarial(candidate, 1 + i)
         return i + 1, tf.where(new[:, None], candidate, noise), found | new
 
     _, noise, found = tf.while_loop(
@@ -134,7 +150,7 @@ def _start_points(flat, is_adversarial, attempts, seed):
 
     def bisect(i, low, high):
         middle = (low + high) / 2.0
-        ok = is_adversarial(flat + middle[:, None] * (noise - flat))
+        ok = is_adversarial(flat + middle[:, None] * (noise - flat), 1 + attempts + i)
         return i + 1, tf.where(ok, low, middle), tf.where(ok, middle, high)
 
     ones = tf.ones(tf.shape(flat)[:1])
@@ -143,12 +159,16 @@ def _start_points(flat, is_adversarial, attempts, seed):
     return flat + high[:, None] * (noise - flat), found & ~already
 
 
-def _proposals(flat, adv, spherical, source, trials, seed):
-    """Returns (proposals, spherical candidates), each [trials, batch, D] in [0, 1]."""
+def _proposals(flat, adv, spherical, source, trials, keys):
+    """Returns (proposals, spherical candidates), each [trials, batch, D] in [0, 1];
+    example b's directions are drawn from ``keys[b]``."""
     towards = flat - adv
     distance = tf.maximum(tf.norm(towards, axis=-1, keepdims=True), 1e-12)
     unit = towards / distance
-    eta = tf.random.stateless_normal(tf.concat([[trials], tf.shape(flat)], 0), seed)
+    eta = tf.map_fn(
+        lambda key: tf.random.stateless_normal(tf.stack([trials, tf.shape(flat)[1]]), key), keys,
+        fn_output_signature=tf.TensorSpec([None, flat.shape[1]], tf.float32))
+    eta = tf.transpose(eta, [1, 0, 2])
     eta -= tf.reduce_sum(eta * unit, axis=-1, keepdims=True) * unit
     eta *= spherical[:, None] * distance / tf.maximum(tf.norm(eta, axis=-1, keepdims=True),
                                                       1e-12)

@@ -18,16 +18,17 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from tfcert.attacks.eot import eot_log_probs, l2_norms, margin, per_example
+from tfcert.attacks.eot import (DEFENSE_STREAM, KeyedDefense, Seed, as_seed, eot_log_probs,
+                                example_keys, fold_rows, l2_norms, margin, per_example)
 
 _BETA_1, _BETA_2, _ADAM_EPSILON = 0.9, 0.999, 1e-8
 _MAX_CONST = 1e10
 
 
-def carlini_wagner_l2(model: keras.Model, x, y, confidence: float = 0.0,
+def carlini_wagner_l2(model: keras.Model | KeyedDefense, x, y, confidence: float = 0.0,
                       initial_const: float = 1e-2, binary_search_steps: int = 5,
                       steps: int = 100, learning_rate: float = 5e-2,
-                      eot_samples: int = 1) -> tf.Tensor:
+                      eot_samples: int = 1, seed: Seed = None) -> tf.Tensor:
     """Untargeted Carlini-Wagner ℓ2 attack; returns the smallest successful x' per example.
 
     A candidate succeeds when its margin is below −κ (misclassified with confidence κ)
@@ -37,7 +38,8 @@ def carlini_wagner_l2(model: keras.Model, x, y, confidence: float = 0.0,
     upper bound is known), as in Carlini & Wagner's reference code.
 
     Args:
-        model: Keras model giving logits, possibly randomized.
+        model: Keras model giving logits, possibly randomized, or a
+            `tfcert.attacks.KeyedDefense`.
         x: images ``[batch, ...]`` in [0, 1].
         y: true labels ``[batch]``.
         confidence: κ ≥ 0.
@@ -47,6 +49,8 @@ def carlini_wagner_l2(model: keras.Model, x, y, confidence: float = 0.0,
         learning_rate: Adam learning rate.  The paper's 0.01 suits its 10,000 steps; with
             100 steps it cannot move pixels at 0 or 1 (where tanh saturates), hence 0.05.
         eot_samples: EOT draws per step (1 for a deterministic model).
+        seed: int, ``[2]`` or per-example keys ``[batch, 2]`` of a `KeyedDefense`'s draws
+            (the search itself is deterministic); ``None`` draws one.
 
     Returns:
         float32 images in [0, 1]: the successful candidate of smallest ℓ2 distance, or
@@ -66,18 +70,20 @@ def carlini_wagner_l2(model: keras.Model, x, y, confidence: float = 0.0,
         model, x, tf.convert_to_tensor(y), tf.constant(confidence, tf.float32),
         tf.constant(initial_const, tf.float32), tf.constant(binary_search_steps, tf.int32),
         tf.constant(steps, tf.int32), tf.constant(learning_rate, tf.float32),
-        tf.constant(eot_samples, tf.int32)))
+        tf.constant(eot_samples, tf.int32), as_seed(seed, x.shape[0])))
 
 
 @tf.function(reduce_retracing=True)
 def _carlini_wagner_l2(model, x, y, confidence, initial_const, binary_search_steps, steps,
-                       learning_rate, eot_samples):
+                       learning_rate, eot_samples, seed):
     batch = tf.shape(x)[0]
     w0 = tf.atanh((2.0 * x - 1.0) * 0.999999)
+    keys = fold_rows(example_keys(seed, batch), DEFENSE_STREAM)
 
     def round_(r, const, lower, upper, best_l2, best):
         found, best_l2, best = _minimise(model, x, y, w0, const, confidence, steps,
-                                         learning_rate, eot_samples, best_l2, best)
+                                         learning_rate, eot_samples, best_l2, best, keys,
+                                         r * steps)
         upper = tf.where(found, tf.minimum(upper, const), upper)
         lower = tf.where(found, lower, tf.maximum(lower, const))
         const = tf.where(upper < _MAX_CONST, (lower + upper) / 2.0,
@@ -91,15 +97,16 @@ def _carlini_wagner_l2(model, x, y, confidence, initial_const, binary_search_ste
 
 
 def _minimise(model, x, y, w0, const, confidence, steps, learning_rate, eot_samples,
-              best_l2, best):
-    """One round of Adam steps at fixed c; returns (found [batch], best_l2, best)."""
+              best_l2, best, keys, first_draw):
+    """One round of Adam steps at fixed c (EOT draws ``first_draw + t`` of ``keys``);
+    returns (found [batch], best_l2, best)."""
 
     def step(t, w, m, v, found, best_l2, best):
         with tf.GradientTape() as tape:
             tape.watch(w)
             x_adv = (tf.tanh(w) + 1.0) / 2.0
             l2 = tf.square(l2_norms(x_adv - x))
-            margins = margin(y, eot_log_probs(model, x_adv, eot_samples))
+            margins = margin(y, eot_log_probs(model, x_adv, eot_samples, keys, first_draw + t))
             total = tf.reduce_sum(l2 + const * tf.nn.relu(margins + confidence))
         grad = tape.gradient(total, w)
         success = margins + confidence < 0.0

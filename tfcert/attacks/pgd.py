@@ -11,13 +11,14 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from tfcert.attacks.eot import (Loss, Seed, as_seed, check_loss, l2_norms, loss_and_gradient,
+from tfcert.attacks.eot import (ATTACK_STREAM, DEFENSE_STREAM, KeyedDefense, Loss, Seed, as_seed,
+                                check_loss, example_keys, fold_rows, l2_norms, loss_and_gradient,
                                 per_example)
 
 NORMS = ("inf", "2")
 
 
-def pgd(model: keras.Model, x, y, eps: float, norm: str = "inf", steps: int = 40,
+def pgd(model: keras.Model | KeyedDefense, x, y, eps: float, norm: str = "inf", steps: int = 40,
         step_size: float | None = None, eot_samples: int = 1, random_start: bool = True,
         loss: Loss = "ce", confidence: float = 50.0, seed: Seed = None) -> tf.Tensor:
     """Untargeted PGD attack in the ℓ∞ or ℓ2 ball of radius ``eps`` around ``x``.
@@ -30,8 +31,9 @@ def pgd(model: keras.Model, x, y, eps: float, norm: str = "inf", steps: int = 40
 
     Args:
         model: Keras model giving logits, possibly randomized (e.g.
-            ``keras.Sequential([tfcert.layers.GaussianNoise(σ), base])``); attacked in
-            inference mode.
+            ``keras.Sequential([tfcert.layers.GaussianNoise(σ), base])``), or a
+            `tfcert.attacks.KeyedDefense` (its EOT draws keyed per example by ``seed``);
+            attacked in inference mode.
         x: images ``[batch, ...]`` in [0, 1].
         y: true labels ``[batch]`` (or the targets a custom ``loss`` expects, e.g. the
             clean probabilities for TRADES).
@@ -45,7 +47,9 @@ def pgd(model: keras.Model, x, y, eps: float, norm: str = "inf", steps: int = 40
         loss: ``"ce"`` (cross-entropy), ``"cw"`` (Carlini-Wagner margin with
             ``confidence``) or a callable ``loss(y, log_probs) -> [batch]`` to maximise.
         confidence: κ of the ``"cw"`` loss (50 in Madry et al. and Zhang & Liang §5.2).
-        seed: int or stateless seed ``[2]`` for the random start; ``None`` draws one.
+        seed: int, stateless seed ``[2]`` or per-example keys ``[batch, 2]``
+            (`tfcert.attacks.eot.example_keys`) for the random start and a `KeyedDefense`'s
+            draws; an example's randomness comes from its own key only.  ``None`` draws one.
 
     Returns:
         float32 adversarial images, same shape as ``x``.
@@ -67,16 +71,19 @@ def pgd(model: keras.Model, x, y, eps: float, norm: str = "inf", steps: int = 40
         model, tf.stop_gradient(x), tf.stop_gradient(tf.convert_to_tensor(y)),
         tf.constant(eps, tf.float32), tf.constant(step_size, tf.float32),
         tf.constant(steps, tf.int32), tf.constant(eot_samples, tf.int32),
-        tf.constant(confidence, tf.float32), as_seed(seed), norm, loss, random_start))
+        tf.constant(confidence, tf.float32), as_seed(seed, x.shape[0]), norm, loss, random_start))
 
 
 @tf.function(reduce_retracing=True)
 def _pgd(model, x, y, eps, step_size, steps, eot_samples, confidence, seed, norm, loss,
          random_start):
-    start = _random_point(x, eps, norm, seed) if random_start else x
+    keys = example_keys(seed, tf.shape(x)[0])
+    start = _random_point(x, eps, norm, fold_rows(keys, ATTACK_STREAM)) if random_start else x
+    defense_keys = fold_rows(keys, DEFENSE_STREAM)
 
     def step(i, x_adv):
-        _, grad = loss_and_gradient(model, x_adv, y, loss, eot_samples, confidence)
+        _, grad = loss_and_gradient(model, x_adv, y, loss, eot_samples, confidence,
+                                    defense_keys, i)
         return i + 1, project(x, x_adv + step_size * _ascent_direction(grad, norm), eps, norm)
 
     _, x_adv = tf.while_loop(lambda i, _: i < steps, step, [tf.constant(0), start])
@@ -100,11 +107,18 @@ def _ascent_direction(grad: tf.Tensor, norm: str) -> tf.Tensor:
     return grad / per_example(tf.maximum(l2_norms(grad), 1e-12), grad)
 
 
-def _random_point(x: tf.Tensor, eps, norm: str, seed: tf.Tensor) -> tf.Tensor:
-    if norm == "inf":
-        delta = tf.random.stateless_uniform(tf.shape(x), seed, -eps, eps)
-    else:
-        direction = tf.random.stateless_normal(tf.shape(x), seed)
-        radius = eps * tf.random.stateless_uniform(tf.shape(x)[:1], seed + 1)
-        delta = direction * per_example(radius / tf.maximum(l2_norms(direction), 1e-12), x)
+def _random_point(x: tf.Tensor, eps, norm: str, keys: tf.Tensor) -> tf.Tensor:
+    """A uniform point of the ℓ∞ ball (ℓ2: a uniform radius along a Gaussian direction)
+    around each example, drawn from the example's key ``keys[b]``."""
+
+    def offset(pair):
+        image, key = pair
+        if norm == "inf":
+            return tf.random.stateless_uniform(tf.shape(image), key, -eps, eps)
+        direction = tf.random.stateless_normal(tf.shape(image), key)
+        radius = eps * tf.random.stateless_uniform(
+            [], tf.random.experimental.stateless_fold_in(key, 1))
+        return direction * radius / tf.maximum(tf.norm(direction), 1e-12)
+
+    delta = tf.map_fn(offset, (x, keys), fn_output_signature=tf.TensorSpec(x.shape[1:], x.dtype))
     return tf.clip_by_value(x + delta, 0.0, 1.0)

@@ -6,7 +6,9 @@ r"""Robust accuracy of a defense under an attack over a sweep of ε (SPEC §4.7)
 
 (also ``python -m tfcert.scripts.attack``).  Streams ``attack.tsv`` as it goes and resumes; ends
 with ``robust_accuracy.tsv``, ``.png`` and ``summary.txt``; ``--analyze=a.tsv,b.tsv``
-draws finished runs on one figure.  The logic is :mod:`tfcert.robust_accuracy`.
+draws finished runs on one figure.  ``--engine=beam --beam_options="..."`` computes the
+same rows on an Apache Beam pipeline (docs/SCALING.md).  The logic is
+:mod:`tfcert.robust_accuracy`.
 """
 
 from __future__ import annotations
@@ -53,11 +55,21 @@ flags.DEFINE_integer("binary_search_steps", 5, "C&W binary-search rounds over c.
 flags.DEFINE_float("learning_rate", 5e-2, "C&W Adam learning rate.", lower_bound=0.0)
 flags.DEFINE_integer("trials", 20, "Boundary-attack proposals per example and step.",
                      lower_bound=1)
-flags.DEFINE_integer("batch_size", 100, "Examples attacked together between writes.",
+flags.DEFINE_integer("batch_size", 100, "Examples attacked together between writes (a Beam "
+                     "step); never changes a row (every draw is keyed per example).",
                      lower_bound=1)
-flags.DEFINE_integer("seed", 0, "Random seed (defense layers, attack starts, votes).")
+flags.DEFINE_integer("seed", 0, "Random seed (attack starts, EOT and defense draws, votes), "
+                     "keyed with each example's index.", lower_bound=0)
 flags.DEFINE_string("output_dir", "runs/attack", "Run directory (config, TSV, table, plot).")
 flags.DEFINE_list("analyze", None, "Only draw these finished attack.tsv files on one figure.")
+flags.DEFINE_enum("engine", "local", ["local", "beam"], "local: attack in this process; beam: on "
+                  "an Apache Beam pipeline (tfcert.beam_pipeline, docs/SCALING.md; pip install "
+                  "'tfcert[beam]'), with the same rows.")
+flags.DEFINE_string("beam_options", "", "--engine=beam: Beam pipeline options, as for "
+                    "certify.py (e.g. \"--runner=DirectRunner --direct_num_workers=2 "
+                    "--direct_running_mode=multi_processing\"; tfcert's --intra_op_threads=N "
+                    "and --tfcert_work_dir=PATH).")
+
 
 def run(argv: list[str]) -> None:
     cli.require(len(argv) == 1, f"unexpected arguments {argv[1:]}; all options are --flags")
