@@ -16,6 +16,7 @@ import keras
 import tensorflow as tf
 
 from tfcert.attacks.pgd import NORMS, pgd
+from tfcert.layers.base import replica_seed
 from tfcert.training import RobustTrainingModel
 
 ADVERSARIAL_METHODS = ("pgd", "trades")
@@ -40,9 +41,11 @@ class _PGDTrainingModel(RobustTrainingModel):
         self.seed_generator = keras.random.SeedGenerator(seed)
 
     def attack(self, x, y, loss="ce") -> tf.Tensor:
-        """PGD examples of the batch against the current base model (random start)."""
+        """PGD examples of the batch against the current base model (random start; the
+        replicas of a ``tf.distribute`` strategy draw different starts, `replica_seed`)."""
         return pgd(self.base_model, x, y, self.eps, norm=self.norm, steps=self.steps,
-                   step_size=self.step_size, loss=loss, seed=self.seed_generator.next())
+                   step_size=self.step_size, loss=loss,
+                   seed=replica_seed(self.seed_generator.next()))
 
     def get_config(self) -> dict:
         return {**super().get_config(), "eps": self.eps, "norm": self.norm,

@@ -11,6 +11,9 @@
 - ``app:<Name>``: any ``keras.applications`` model (e.g. ``app:ResNet50``) with its own
   ``preprocess_input`` inside the model, so it too takes [0, 1] images; ImageNet
   weights with ``weights="imagenet"`` (needs the weights file in the Keras cache).
+
+The logits are float32 under any Keras mixed-precision policy (the last layer computes
+in float32), so losses, softmaxes and argmaxes keep float32 resolution.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ def stn_mnist(input_shape=(28, 28, 1), num_classes: int = 10) -> keras.Model:
         layers.Flatten(),
         layers.Dense(128, activation="relu"),
         layers.Dropout(0.5),
-        layers.Dense(num_classes),
+        layers.Dense(num_classes, dtype="float32"),
     ], name="stn_mnist")
 
 
@@ -44,7 +47,7 @@ def cifar_cnn(input_shape=(32, 32, 3), num_classes: int = 10) -> keras.Model:
         stack += [layers.Conv2D(filters, 3, padding="same", activation="relu") for _ in range(convs)]
         stack.append(layers.MaxPooling2D())
     stack += [layers.Flatten(), layers.Dense(256, activation="relu"), layers.Dropout(0.5),
-              layers.Dense(num_classes)]
+              layers.Dense(num_classes, dtype="float32")]
     return keras.Sequential(stack, name="cifar_cnn")
 
 
@@ -56,7 +59,7 @@ def small_cnn(input_shape=(8, 8, 1), num_classes: int = 10) -> keras.Model:
         layers.Conv2D(32, 3, strides=2, padding="same", activation="relu"),
         layers.Flatten(),
         layers.Dense(64, activation="relu"),
-        layers.Dense(num_classes),
+        layers.Dense(num_classes, dtype="float32"),
     ], name="small_cnn")
 
 
@@ -72,6 +75,11 @@ def keras_application(name: str, input_shape, num_classes: int,
     inputs = keras.Input(input_shape)
     scaled = layers.Rescaling(255.0)(inputs)
     outputs = backbone(module.preprocess_input(scaled))
+    if keras.mixed_precision.global_policy().compute_dtype != "float32":
+        # The backbone's classifier computes in the policy's 16-bit dtype: cast its
+        # logits back, so that losses and argmaxes see float32 (Keras' mixed-precision
+        # advice); under float32 the layer would be a no-op, so it is left out.
+        outputs = layers.Activation("linear", dtype="float32", name="logits")(outputs)
     return keras.Model(inputs, outputs, name=f"app_{name}")
 
 

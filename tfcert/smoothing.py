@@ -24,14 +24,17 @@ the base model's forward pass, so sampling runs at the model's own batched speed
 ``compute_dtype="bfloat16"`` runs the base model in Keras mixed bfloat16 (noise still
 added in float32, statistics in float64); it is off by default because it only pays
 on hardware with native bfloat16 (``"auto"`` checks, see `native_bfloat16`).
+``strategy=tf.distribute.MirroredStrategy()`` spreads the passes over the devices of a
+machine with the same votes as one device (`SmoothedClassifier`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import os
-from typing import Sequence
+from typing import Callable, Sequence
 
 import keras
 import numpy as np
@@ -207,6 +210,21 @@ class SmoothedClassifier:
             from float32 near decision boundaries, see docs/PERFORMANCE.md), or
             ``"auto"`` (bfloat16 iff `native_bfloat16()`).  The certificate is then
             that of the smoothed bfloat16 classifier, which is the one that runs.
+        strategy: optional ``tf.distribute`` strategy whose replicas share the passes
+            of every call (`count_votes`): replica r of R runs passes r, r + R, r + 2R, …
+            of the one-device loop and the per-replica votes are summed on the devices
+            (an int64 all-reduce).  Every draw's noise is the one device's, so the votes
+            are identical to one device's for the same seed, whatever the number of
+            replicas, wherever each device computes a pass as one device does (always
+            on logical CPU devices; on GPUs with deterministic kernels,
+            ``tf.config.experimental.enable_op_determinism()``, as convolution
+            algorithms may be autotuned per device); the certificates are sound either
+            way (every vote is a draw of the same smoothed classifier).  A model whose
+            weights were not created under ``strategy.scope()`` is cloned into it
+            (``keras.models.clone_model``: Sequential, functional and serializable
+            subclassed models), so each device reads its own copy.
+            ``None`` (default): one device, the plain loop.  With
+            ``MultiWorkerMirroredStrategy`` every worker must make the same calls.
 
     Example:
 
@@ -214,10 +232,18 @@ class SmoothedClassifier:
     >>> res = sc.certify(x_test[:100], num_samples=10_000, alpha=0.001,
     ...                  bound=("renyi", "cohen"))
     >>> res.prediction, res.radii["renyi"], res.radii["cohen"]
+
+    On every GPU of the machine (the same votes, so the same certificate, as on one):
+
+    >>> gpus = tf.distribute.MirroredStrategy()
+    >>> sc = tfcert.SmoothedClassifier(model, 10, tfcert.layers.GaussianNoise(0.5),
+    ...                                strategy=gpus)
+    >>> res = sc.certify(x_test, num_samples=100_000, alpha=0.001, seed=0)
     """
 
     def __init__(self, base_model: keras.Model, num_classes: int, noise: RandomizedLayer,
-                 batch_size: int | None = None, compute_dtype: str = "float32"):
+                 batch_size: int | None = None, compute_dtype: str = "float32",
+                 strategy: tf.distribute.Strategy | None = None):
         if not isinstance(noise, RandomizedLayer):
             raise TypeError(f"noise must be a tfcert randomized layer, got {type(noise).__name__}")
         if int(num_classes) < 2:
@@ -225,6 +251,9 @@ class SmoothedClassifier:
         if compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(
                 f"unknown compute_dtype {compute_dtype!r}; choose from {COMPUTE_DTYPES}")
+        if strategy is not None and not isinstance(strategy, tf.distribute.Strategy):
+            raise TypeError(f"strategy must be a tf.distribute.Strategy, got "
+                            f"{type(strategy).__name__}")
         self.base_model = base_model
         self.num_classes = int(num_classes)
         self.noise = noise
@@ -232,10 +261,22 @@ class SmoothedClassifier:
         if compute_dtype == "auto":
             compute_dtype = "bfloat16" if native_bfloat16() else "float32"
         self.compute_dtype = compute_dtype
-        self.inference_model = (bfloat16_clone(base_model) if compute_dtype == "bfloat16"
-                                else base_model)
+        self.strategy = strategy
+        with strategy.scope() if strategy is not None else contextlib.nullcontext():
+            if compute_dtype == "bfloat16":
+                self.inference_model = bfloat16_clone(base_model)
+            elif strategy is not None and not all(
+                    strategy.extended.variable_created_in_scope(w.value)
+                    for w in base_model.weights):
+                self.inference_model = _clone_with_weights(
+                    base_model, "strategy= needs a base model built under strategy.scope(), "
+                    "or one keras.models.clone_model can clone into it")
+            else:
+                self.inference_model = base_model
         self._pass_sizes: dict[tuple[int, ...], int] = {}
-        self._count_fn = tf.function(self.count_votes, reduce_retracing=True)
+        self._count_fn = tf.function(
+            self.count_votes if strategy is None else self._count_votes_on_replicas,
+            reduce_retracing=True)
 
     @property
     def sigma(self) -> float:
@@ -265,7 +306,8 @@ class SmoothedClassifier:
         return self._pass_sizes[shape]
 
     def count_votes(self, x: tf.Tensor, keys: tf.Tensor, num_samples: tf.Tensor,
-                    pass_size: tf.Tensor, first_draw: tf.Tensor | int = 0) -> tf.Tensor:
+                    pass_size: tf.Tensor, first_draw: tf.Tensor | int = 0,
+                    replica: tf.Tensor | int = 0, num_replicas: int = 1) -> tf.Tensor:
         """Votes [batch, k] (int64) of draws ``first_draw … first_draw + num_samples − 1``.
 
         Image ``b``'s draws come in blocks of `noise_block_size` draws; block ``j`` is
@@ -276,6 +318,10 @@ class SmoothedClassifier:
         one), so memory stays bounded for any batch and ``num_samples``; votes are added
         with a scatter (no [inputs, k] one-hot tensor).  Core TensorFlow ops only: the
         exported serving signatures run this loop.
+
+        ``replica`` and ``num_replicas`` (R) keep only passes ``replica``, ``replica`` + R,
+        … of that loop, each exactly as the whole loop runs it: the votes of replicas
+        0 … R − 1 sum to the whole loop's (see ``strategy`` in the class doc).
         """
         x = tf.convert_to_tensor(x, tf.float32)
         image_shape = x.shape[1:]
@@ -290,6 +336,7 @@ class SmoothedClassifier:
         blocks = (end - 1) // block - first_block + 1  # blocks touched per image
         total = batch * blocks
         per_pass = tf.maximum(tf.cast(pass_size, tf.int64) // block, 1)
+        stride = per_pass * int(num_replicas)
 
         def noisy_block(unit):
             image, number = unit // blocks, first_block + unit % blocks
@@ -309,14 +356,29 @@ class SmoothedClassifier:
             labels = tf.argmax(logits, axis=-1, output_type=tf.int64)
             counts = tf.tensor_scatter_nd_add(counts, tf.stack([images, labels], axis=1),
                                               tf.ones_like(labels))
-            return start + per_pass, counts
+            return start + stride, counts
 
         _, counts = tf.while_loop(
             lambda start, counts: start < total, one_pass,
-            (tf.constant(0, tf.int64), tf.zeros(tf.stack([batch, self.num_classes]), tf.int64)),
+            (tf.cast(replica, tf.int64) * per_pass,
+             tf.zeros(tf.stack([batch, self.num_classes]), tf.int64)),
             shape_invariants=(tf.TensorShape([]), tf.TensorShape([None, self.num_classes])),
             parallel_iterations=1)  # one pass in flight: memory is one pass, for any n
         return counts
+
+    def _count_votes_on_replicas(self, x: tf.Tensor, keys: tf.Tensor, num_samples: tf.Tensor,
+                                 pass_size: tf.Tensor, first_draw: tf.Tensor) -> tf.Tensor:
+        """`count_votes` with its passes shared by the replicas of ``strategy``, the votes
+        summed on the devices (the same votes as one device)."""
+        replicas = self.strategy.num_replicas_in_sync
+
+        def replica_votes(*args):
+            replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+            return self.count_votes(*args, replica=replica, num_replicas=replicas)
+
+        votes = self.strategy.run(replica_votes, args=(x, keys, num_samples, pass_size,
+                                                      first_draw))
+        return self.strategy.reduce(tf.distribute.ReduceOp.SUM, votes, axis=None)
 
     def sample_counts(self, x, num_samples: int, batch_size: int | None = None,
                       seed: int | Sequence[int] | None = None, indices=None,
@@ -502,19 +564,40 @@ def bfloat16_clone(model: keras.Model) -> keras.Model:
     cloned layer, so the global policy is never changed.  Sequential and functional
     models only (nested ones included).
     """
+    return policy_clone(model, "mixed_bfloat16")
+
+
+def policy_clone(model: keras.Model, policy: str) -> keras.Model:
+    """``model`` cloned with every layer's dtype policy ``policy`` (a Keras policy name)
+    except the output layer's, float32, and the same weights.
+
+    ``policy_clone(model, "float32")`` is the float32 model to save or certify after
+    mixed-precision training (`tfcert.training.set_precision`): a saved model keeps each
+    layer's policy, so the trained model itself would compute in float16 when loaded.
+    Sequential and functional models only (nested ones included).
+    """
     output_layer = _output_layer(model)
 
     def clone_layer(layer):
         config = layer.get_config()
         if isinstance(layer, keras.layers.Layer) and "dtype" in config:
-            config["dtype"] = "float32" if layer is output_layer else "mixed_bfloat16"
+            config["dtype"] = "float32" if layer is output_layer else policy
         return layer.__class__.from_config(config)
 
+    return _clone_with_weights(
+        model, f"a {policy} clone needs a Sequential or functional base model", clone_layer)
+
+
+def _clone_with_weights(model: keras.Model, requirement: str,
+                        clone_layer: Callable[[keras.layers.Layer], keras.layers.Layer]
+                        | None = None) -> keras.Model:
+    """``model`` cloned layer by layer (``clone_layer``, default: from its config) with the
+    same weights, its variables made in the current distribution scope; a model Keras
+    cannot clone raises ``ValueError(requirement)``."""
     try:
         clone = keras.models.clone_model(model, clone_function=clone_layer, recursive=True)
-    except ValueError as err:
-        raise ValueError("compute_dtype='bfloat16' needs a Sequential or functional base "
-                         f"model ({err})") from err
+    except (ValueError, TypeError, NotImplementedError) as err:  # the last two: no get_config
+        raise ValueError(f"{requirement} ({err})") from err
     clone.set_weights(model.get_weights())
     return clone
 

@@ -13,12 +13,28 @@ layer with the same generator state, so an unseeded call folds the replica id in
 its seed (``tf.random.experimental.stateless_fold_in``): the replicas of one step draw
 independent noise instead of N copies of one draw.  An explicit ``seed=`` is used as
 given, on every replica (callers that pass one derive it per image themselves).
+`replica_seed` does the fold-in for other per-step generators (the random starts of
+:mod:`tfcert.adversarial_training`).
 """
 
 from __future__ import annotations
 
 import keras
 import tensorflow as tf
+
+
+def replica_seed(seed: tf.Tensor) -> tf.Tensor:
+    """The stateless seed (int64 ``[2]``) of this replica for a step's shared ``seed``:
+    ``stateless_fold_in(seed, replica_id)`` inside a ``tf.distribute`` replica context
+    with more than one replica in sync, else ``seed`` itself.  Each replica's draws are
+    then a function of (seed, replica id): different across replicas, the same on
+    every run with the same seed.  One device keeps the draws it had without a strategy."""
+    seed = tf.cast(seed, tf.int64)
+    replica = tf.distribute.get_replica_context()
+    if replica is None or replica.num_replicas_in_sync == 1:
+        return seed
+    folded = tf.random.experimental.stateless_fold_in(seed, replica.replica_id_in_sync_group)
+    return tf.cast(folded, tf.int64)
 
 
 class RandomizedLayer(keras.layers.Layer):
@@ -44,12 +60,7 @@ class RandomizedLayer(keras.layers.Layer):
         than one replica (see the module doc)."""
         if seed is not None:
             return tf.cast(seed, tf.int64)
-        fresh = tf.cast(self.seed_generator.next(), tf.int64)
-        replica = tf.distribute.get_replica_context()
-        if replica is None or replica.num_replicas_in_sync == 1:
-            return fresh
-        folded = tf.random.experimental.stateless_fold_in(fresh, replica.replica_id_in_sync_group)
-        return tf.cast(folded, tf.int64)
+        return replica_seed(self.seed_generator.next())
 
     def compute_output_shape(self, input_shape):
         return input_shape
