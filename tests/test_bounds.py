@@ -347,3 +347,16 @@ def test_gaussian_kl_bound_closed_form():
     assert got.dtype == tf.float64
     np.testing.assert_allclose(got, 224 * 224 * 3 * eps ** 2 / (2 * (32 / 255) ** 2),
                                rtol=1e-6)  # σ passed as a float32 tensor
+
+
+def test_average_certified_radius_counts_only_correct_certificates():
+    from tfcert.analysis import average_certified_radius, certified_accuracy
+
+    radius = np.array([0.5, 1.0, 0.0, 2.0])
+    correct = np.array([True, True, False, False])  # the last is certified but wrong
+    assert average_certified_radius(radius, correct) == pytest.approx((0.5 + 1.0) / 4)
+    # ACR is the area under the certified-accuracy curve: ∫_0^∞ acc(r) dr.
+    grid = np.linspace(0, 3, 30001)
+    area = np.sum(certified_accuracy(radius, correct, grid)[:-1]) * (grid[1] - grid[0])
+    assert area == pytest.approx(average_certified_radius(radius, correct), abs=1e-4)  # grid step
+    assert average_certified_radius(np.array([]), np.array([], bool)) == 0.0

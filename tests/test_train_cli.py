@@ -39,6 +39,10 @@ def test_train_stn_on_digits_end_to_end(tmp_path):
     (["--dataset=nope"], "unknown --dataset"),
     (["--dataset=digits", "--method=stn", "--sigma=0"], "needs --sigma > 0"),
     (["--dataset=digits", "stray"], "unexpected arguments"),
+    (["--dataset=digits", "--patience=2"], "--patience needs --validation_split > 0"),
+    (["--dataset=digits", "--validation_split=0.9"], "--validation_split"),
+    (["--dataset=digits", "--strategy=multi_worker"], "keras-team/keras#20585"),
+    (["--dataset=digits", "--mixed_precision=float8"], "--mixed_precision"),
 ])
 def test_bad_flags_fail_with_a_clear_message(tmp_path, args, message):
     result = run_script(*args, f"--output_dir={tmp_path}/out")
@@ -105,3 +109,56 @@ def test_noise_objectives_train_from_the_script(tmp_path, method, flags, regular
     assert len(log) == 3 and "classification_loss" in log[0]
     if regularizer:
         assert regularizer in log[0]
+
+
+@pytest.mark.slow
+def test_patience_stops_on_validation_accuracy_under_noise_and_keeps_the_best_epoch(tmp_path):
+    import csv
+
+    import keras
+    import numpy as np
+    import tensorflow as tf
+    from sklearn.model_selection import train_test_split
+
+    from tfcert import data
+    from tfcert.scripts import train
+
+    out = tmp_path / "run"
+    # A learning rate this high makes digits' validation accuracy peak within a few epochs.
+    result = run_script("--dataset=digits", "--method=gaussian", "--sigma=0.25", "--epochs=40",
+                        "--validation_split=0.2", "--patience=2", "--learning_rate=0.02",
+                        f"--output_dir={out}", "--verbose=0")
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    with open(out / "log.csv", newline="") as f:
+        logged = [float(row["val_noisy_accuracy"]) for row in csv.DictReader(f)]
+    assert metrics["epochs_trained"] == len(logged)
+    assert metrics["best_epoch"] == int(np.argmax(logged)) + 1
+    # Stopped early: either --patience epochs without improvement, or all 40 ran.
+    assert len(logged) == 40 or len(logged) - metrics["best_epoch"] == 2
+    # The written model is the best epoch's: recompute its validation accuracy under the
+    # same noise on the same held-out 20% of the training split.
+    x, y = data.load_arrays("digits", "train")
+    _, x_val, _, y_val = train_test_split(x, y, test_size=0.2, stratify=y, random_state=0)
+    base = keras.models.load_model(out / "model.keras")
+    val = train.noisy_batches(tf.data.Dataset.from_tensor_slices((x_val, y_val)), 0.25, 0)
+    # One image whose top two logits differ by a float rounding step could flip between
+    # processes (thread counts change summation order): allow one image of the 288.
+    assert abs(train.accuracy(base, val) - max(logged)) <= 1 / len(y_val) + 1e-12
+
+
+@pytest.mark.slow
+def test_mirrored_mixed_precision_training_saves_a_float32_model(tmp_path):
+    import keras
+
+    out = tmp_path / "run"
+    result = run_script("--dataset=digits", "--method=stn", "--sigma=0.25", "--epochs=3",
+                        "--strategy=mirrored", "--mixed_precision=mixed_bfloat16",
+                        f"--output_dir={out}", "--verbose=0")
+    assert result.returncode == 0, result.stderr
+    config = json.loads((out / "config.json").read_text())
+    assert config["strategy"] == "mirrored" and config["mixed_precision"] == "mixed_bfloat16"
+    model = keras.models.load_model(out / "model.keras")
+    assert {layer.dtype_policy.name for layer in model.layers} == {"float32"}
+    # It learned in 16 bits: digits' chance level is 0.1 (3 epochs of float32 STN reach ~0.9).
+    assert json.loads((out / "metrics.json").read_text())["clean_accuracy"] > 0.5

@@ -27,15 +27,26 @@ def certified_accuracy(radius: np.ndarray, correct: np.ndarray, grid: Sequence[f
     return factor * np.mean(correct[None, :] & (radius[None, :] >= grid), axis=1)
 
 
+def average_certified_radius(radius: np.ndarray, correct: np.ndarray,
+                             factor: float = 1.0) -> float:
+    """The average certified radius (ACR, Zhai et al. 2020, Eq. 6): the mean over examples
+    of the certified radius where the certified prediction is the label, 0 elsewhere."""
+    radius, correct = np.asarray(radius, np.float64), np.asarray(correct, bool)
+    return factor * float(np.mean(np.where(correct, radius, 0.0))) if radius.size else 0.0
+
+
 def format_table(grid: Sequence[float], curves: Mapping[str, np.ndarray],
-                 header: str = "radius") -> str:
-    """A fixed-width text table: one row per grid value, one column per curve (in %)."""
+                 header: str = "radius", acr: Mapping[str, float] | None = None) -> str:
+    """A fixed-width text table: one row per grid value, one column per curve (in %),
+    and a last row with each curve's average certified radius when ``acr`` is given."""
     names = list(curves)
     width = max([8, *(len(n) + 1 for n in names)])
     lines = [f"{header:>8}" + "".join(f"{n:>{width}}" for n in names)]
     for i, r in enumerate(grid):
         lines.append(f"{r:>8.3f}" + "".join(f"{100 * curves[n][i]:>{width - 1}.1f}%"
                                              for n in names))
+    if acr is not None:
+        lines.append(f"{'ACR':>8}" + "".join(f"{acr[n]:>{width}.3f}" for n in names))
     return "\n".join(lines)
 
 

@@ -379,6 +379,15 @@ def curves_of(rows, bounds: Iterable[str], grid, factor: float) -> dict:
                                   grid, factor) for b in bounds}
 
 
+def acr_of(rows, bounds: Iterable[str], factor: float) -> dict:
+    """The average certified radius of each bound."""
+    from tfcert.analysis import average_certified_radius
+
+    correct = np.array([r["correct"] == "1" for r in rows])
+    return {b: average_certified_radius(np.array([float(r[f"radius_{b}"]) for r in rows]),
+                                        correct, factor) for b in bounds}
+
+
 def summarize_l2(rows, o, output_dir: str) -> None:
     """Prints and writes the certified-accuracy table, its TSV and plot."""
     from tfcert.analysis import format_table
@@ -387,7 +396,7 @@ def summarize_l2(rows, o, output_dir: str) -> None:
     max_radius = o.max_radius or 4.0 * o.sigma
     table_grid = radius_grid(max_radius, o.grid_points)
     curves = curves_of(rows, o.bounds, table_grid, factor)
-    text = format_table(table_grid, curves)
+    text = format_table(table_grid, curves, acr=acr_of(rows, o.bounds, factor))
     abstain = np.mean([r["prediction"] == "-1" for r in rows])
     header = (f"{len(rows)} examples, σ = {o.sigma}, n = {o.num_samples}, α = {o.alpha}, "
               f"statistics = {o.statistics}, abstained {100 * abstain:.1f}%"
@@ -439,7 +448,9 @@ def _analyze_l2(runs, o) -> None:
                 for b, c in curves_of(rows, bounds[label], grid, factor).items()}
 
     table_grid = radius_grid(max_radius, o.grid_points)
-    print(format_table(table_grid, all_curves(table_grid)))
+    acr = {f"{label} {b}": value for label, rows in runs
+           for b, value in acr_of(rows, bounds[label], factor).items()}
+    print(format_table(table_grid, all_curves(table_grid), acr=acr))
     path = os.path.join(o.output_dir, "certified_accuracy_compare.png")
     plot_grid = radius_grid(max_radius, 200)
     plot_atomic(plot_grid, all_curves(plot_grid), path)

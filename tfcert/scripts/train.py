@@ -11,18 +11,36 @@ PGD adversarial training); trades (TRADES).  See `tfcert.training` and
 
 Writes to --output_dir: ``model.keras`` (the base classifier, logits), ``config.json``
 (every flag), ``log.csv`` (per-epoch history: loss, classification_loss, the
-regularizer's loss, accuracy and their val_ versions) and ``metrics.json`` (clean
-test accuracy and accuracy under one draw of N(0, σ²) noise).  An interrupted run
-resumes from its last finished epoch (``backup/``).  Flags, data and model are checked
+regularizer's loss, accuracy, their val_ versions and val_noisy_accuracy) and
+``metrics.json`` (clean test accuracy, accuracy under one draw of N(0, σ²) noise, epochs
+trained and the best epoch).  Validation uses ``--validation_split`` of the training
+split, or the test split when it is 0 (monitoring only).  ``--patience=P`` stops when the
+validation accuracy under noise has not improved for P epochs and keeps the best epoch's
+weights (``best.weights.h5``), the rule used to compare objectives in docs/RESULTS.md:
+
+    tfcert-train --method=macer --sigma=0.5 --validation_split=0.1 --patience=3 --epochs=15
+
+``--strategy=mirrored`` trains on every GPU of the machine, ``--batch_size`` being the
+global batch (``multi_worker`` is refused: Keras 3's ``fit`` fails under
+``MultiWorkerMirroredStrategy``, keras-team/keras#20585);
+``--mixed_precision=mixed_float16`` (or ``mixed_bfloat16``) computes in 16 bits with float32
+weights, and ``model.keras`` is saved as its float32 clone (`tfcert.training`):
+
+    tfcert-train --method=stn --sigma=0.5 --strategy=mirrored --mixed_precision=mixed_float16
+
+An interrupted run resumes from its last finished epoch (``backup/``); a new run in the
+same --output_dir replaces the old log.  Flags, data and model are checked
 before anything is written: a model that cannot be built for the data is a one-line
 ``error:`` and leaves no output folder.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 
+import numpy as np
 from absl import flags
 
 from tfcert import cli
@@ -72,8 +90,23 @@ flags.DEFINE_enum("norm", "inf", ["inf", "2"], "Norm of the training attack (pgd
 flags.DEFINE_integer("attack_steps", 10, "PGD steps of the training attack (pgd / trades / "
                      "smoothadv).", lower_bound=1)
 flags.DEFINE_float("beta", 6.0, "TRADES weight β of KL(f(x) || f(x_adv)).", lower_bound=0.0)
-flags.DEFINE_integer("epochs", 10, "Training epochs.", lower_bound=1)
-flags.DEFINE_integer("batch_size", 128, "Training batch size.", lower_bound=1)
+flags.DEFINE_integer("epochs", 10, "Training epochs (the most, with --patience).", lower_bound=1)
+flags.DEFINE_float("validation_split", 0.0, "Fraction of the training split held out "
+                   "(stratified, fixed by --seed) for validation and --patience; 0 validates on "
+                   "the test split, for monitoring only.", lower_bound=0.0, upper_bound=0.5)
+flags.DEFINE_integer("patience", 0, "Stop when the validation accuracy under one fixed draw of "
+                     "N(0, σ²) noise (val_noisy_accuracy) has not improved for this many epochs, "
+                     "and keep the best epoch's weights; 0 trains all --epochs. Needs "
+                     "--validation_split > 0.", lower_bound=0)
+flags.DEFINE_integer("batch_size", 128, "Training batch size (global: split over the replicas "
+                     "of --strategy).", lower_bound=1)
+flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker"],
+                  "tf.distribute strategy: default (one device), mirrored (every GPU of this "
+                  "machine); multi_worker is refused: Keras 3's fit does not support it.")
+flags.DEFINE_enum("mixed_precision", "float32", ["float32", "mixed_float16", "mixed_bfloat16"],
+                  "Keras dtype policy while training (mixed_float16: GPUs with tensor cores, "
+                  "loss scaling added; mixed_bfloat16: TPUs and recent CPUs/GPUs). The saved "
+                  "model.keras always computes in float32.")
 flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate (STN code: 1e-3).", lower_bound=0.0)
 flags.DEFINE_integer("seed", 0, "Random seed (weights, shuffling, training noise).")
 flags.DEFINE_string("output_dir", "runs/train", "Where to write the model, config and logs.")
@@ -91,48 +124,82 @@ def run(argv: list[str]) -> None:
     import keras
     import numpy as np
 
-    from tfcert import data
+    from tfcert import data, training
+    from tfcert.smoothing import policy_clone
 
+    strategy = distribution()
     meta = data.info(FLAGS.dataset) if FLAGS.dataset in data.DATASETS else None
     cli.require(meta is not None, f"unknown --dataset={FLAGS.dataset}; choose one of "
                 f"{', '.join(data.DATASETS)}")
     cli.require(FLAGS.method in ("standard", "pgd", "trades") or FLAGS.sigma > 0,
                 f"--method={FLAGS.method} needs --sigma > 0")
-    train_ds = data.load(FLAGS.dataset, "train", FLAGS.data_dir, FLAGS.download)
+    cli.require(FLAGS.patience == 0 or FLAGS.validation_split > 0,
+                "--patience needs --validation_split > 0: early stopping on the test split "
+                "would select the model on the data it is evaluated on")
+    train_ds, val_ds = split_validation(
+        data.load(FLAGS.dataset, "train", FLAGS.data_dir, FLAGS.download))
     test_ds = data.load(FLAGS.dataset, "test", FLAGS.data_dir, FLAGS.download)
+    val_ds = test_ds if val_ds is None else val_ds
     model_name = FLAGS.model or default_model(FLAGS.dataset)
     keras.utils.set_random_seed(FLAGS.seed)
-    base, model = build(model_name, meta)
+    training.set_precision(FLAGS.mixed_precision)
+    with strategy.scope():
+        base, model = build(model_name, meta)
+        model.compile(optimizer=keras.optimizers.Adam(FLAGS.learning_rate),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      metrics=["accuracy"])
 
     config = {**cli.script_flags(), "model": model_name}
     os.makedirs(FLAGS.output_dir, exist_ok=True)
     with open(os.path.join(FLAGS.output_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
-    model.compile(optimizer=keras.optimizers.Adam(FLAGS.learning_rate),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=["accuracy"])
+    log_path, best_path, backup_dir = (os.path.join(FLAGS.output_dir, name) for name in (
+        "log.csv", "best.weights.h5", "backup"))
+    if not os.path.isdir(backup_dir):  # a new run, not the resumption of an interrupted one
+        for stale in (log_path, best_path):
+            if os.path.exists(stale):
+                os.remove(stale)
     callbacks = [
-        keras.callbacks.CSVLogger(os.path.join(FLAGS.output_dir, "log.csv"), append=True),
-        keras.callbacks.BackupAndRestore(os.path.join(FLAGS.output_dir, "backup")),
+        noisy_validation_accuracy(base, val_ds, FLAGS.sigma, FLAGS.seed),
+        *model_selection(best_path, best_logged(log_path)),
+        keras.callbacks.CSVLogger(log_path, append=True),
+        keras.callbacks.BackupAndRestore(backup_dir),
         keras.callbacks.TerminateOnNaN(),
     ]
     verbose = "auto" if FLAGS.verbose == "auto" else int(FLAGS.verbose)
     history = model.fit(data.batched(train_ds, FLAGS.batch_size, shuffle=True, seed=FLAGS.seed),
-                        validation_data=data.batched(test_ds, 512), epochs=FLAGS.epochs,
+                        validation_data=data.batched(val_ds, 512), epochs=FLAGS.epochs,
                         callbacks=callbacks, verbose=verbose, shuffle=False)
     losses = history.history.get("loss", [])
     cli.require(bool(losses) and bool(np.all(np.isfinite(losses))),
                 "training diverged (NaN/Inf loss): lower --learning_rate or --gamma; "
                 "no model was written")
+    if FLAGS.patience:
+        model.load_weights(best_path)
 
-    metrics = evaluate(base, test_ds, FLAGS.sigma, FLAGS.seed)
-    base.save(os.path.join(FLAGS.output_dir, "model.keras"))
+    final = base if FLAGS.mixed_precision == "float32" else policy_clone(base, "float32")
+    metrics = {**evaluate(final, test_ds, FLAGS.sigma, FLAGS.seed), **epochs_trained(log_path)}
+    final.save(os.path.join(FLAGS.output_dir, "model.keras"))
     with open(os.path.join(FLAGS.output_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
     print(f"clean test accuracy: {100 * metrics['clean_accuracy']:.2f}%")
     print(f"test accuracy under N(0, {FLAGS.sigma}^2) noise (one draw per image): "
           f"{100 * metrics['noisy_accuracy']:.2f}%")
     print(f"model written to {os.path.join(FLAGS.output_dir, 'model.keras')}")
+
+
+def distribution() -> "tf.distribute.Strategy":
+    """The tf.distribute strategy of --strategy (`tfcert.training.make_strategy`)."""
+    from tfcert import training
+
+    cli.require(FLAGS.strategy != "multi_worker",
+                "--strategy=multi_worker: Keras 3's model.fit does not run under "
+                "MultiWorkerMirroredStrategy (keras-team/keras#20585, open); train with "
+                "--strategy=mirrored on one machine's GPUs")
+    try:
+        return training.make_strategy(FLAGS.strategy)
+    except ValueError as err:
+        raise cli.CliError(f"--strategy={FLAGS.strategy}: {err}") from None
 
 
 def build(model_name: str, meta: "data.DatasetInfo") -> tuple["keras.Model", "keras.Model"]:
@@ -169,21 +236,98 @@ def build(model_name: str, meta: "data.DatasetInfo") -> tuple["keras.Model", "ke
         raise cli.CliError(str(err)) from err
 
 
-def evaluate(base, test_ds, sigma: float, seed: int) -> dict[str, float]:
-    """Clean accuracy and accuracy under one draw of N(0, σ²) noise per test image."""
-    import numpy as np
+def split_validation(train_ds: "tf.data.Dataset") -> tuple["tf.data.Dataset", "tf.data.Dataset | None"]:
+    """(train, validation): a stratified --validation_split of the training split, fixed
+    by --seed, or (train, None) without one."""
+    import tensorflow as tf
+    from sklearn.model_selection import train_test_split
+
+    if FLAGS.validation_split == 0:
+        return train_ds, None
+    x, y = zip(*train_ds.batch(4096).as_numpy_iterator())
+    x_train, x_val, y_train, y_val = train_test_split(
+        np.concatenate(x), np.concatenate(y), test_size=FLAGS.validation_split,
+        stratify=np.concatenate(y), random_state=FLAGS.seed)
+    return (tf.data.Dataset.from_tensor_slices((x_train, y_train)),
+            tf.data.Dataset.from_tensor_slices((x_val, y_val)))
+
+
+def noisy_validation_accuracy(base, val_ds, sigma: float, seed: int) -> "keras.callbacks.Callback":
+    """Adds ``val_noisy_accuracy`` to every epoch's logs: the base classifier's accuracy on
+    the validation images under one draw of N(0, σ²) noise per image, the same draw every
+    epoch so that epochs compare on equal terms (the quantity smoothing needs: the
+    certificate rests on the accuracy under noise, not on the clean accuracy)."""
+    import keras
+
+    noisy = noisy_batches(val_ds, sigma, seed).cache()
+
+    def on_epoch_end(epoch, logs):
+        logs["val_noisy_accuracy"] = accuracy(base, noisy)
+
+    return keras.callbacks.LambdaCallback(on_epoch_end=on_epoch_end)
+
+
+def model_selection(best_path: str, best_so_far: float | None) -> list["keras.callbacks.Callback"]:
+    """With --patience: keep the weights of the epoch with the best val_noisy_accuracy in
+    ``best_path`` and stop after --patience epochs without improvement.  A resumed run
+    starts from the best value already logged, so it keeps an earlier best epoch (and may
+    train up to --patience epochs more than an uninterrupted run)."""
+    import keras
+
+    if not FLAGS.patience:
+        return []
+    return [keras.callbacks.ModelCheckpoint(
+                best_path, monitor="val_noisy_accuracy", mode="max", save_best_only=True,
+                save_weights_only=True, initial_value_threshold=best_so_far),
+            keras.callbacks.EarlyStopping(
+                monitor="val_noisy_accuracy", mode="max", patience=FLAGS.patience,
+                baseline=best_so_far)]
+
+
+def _logged_noisy_accuracy(log_path: str) -> list[float]:
+    if not os.path.exists(log_path):
+        return []
+    with open(log_path, newline="") as f:
+        return [float(row["val_noisy_accuracy"]) for row in csv.DictReader(f)
+                if row.get("val_noisy_accuracy")]
+
+
+def best_logged(log_path: str) -> float | None:
+    """The best val_noisy_accuracy of the epochs an interrupted run already logged."""
+    values = _logged_noisy_accuracy(log_path)
+    return max(values) if values else None
+
+
+def epochs_trained(log_path: str) -> dict[str, int]:
+    """How many epochs ran and which one (1-based) had the best val_noisy_accuracy (the
+    weights written with --patience)."""
+    values = _logged_noisy_accuracy(log_path)
+    best = int(np.argmax(values)) + 1 if FLAGS.patience else len(values)
+    return {"epochs_trained": len(values), "best_epoch": best}
+
+
+def noisy_batches(ds: "tf.data.Dataset", sigma: float, seed: int) -> "tf.data.Dataset":
+    """Batches of (x + N(0, σ²I), y), the noise a fixed function of (seed, batch number)."""
     import tensorflow as tf
 
-    from tfcert import data
-    from tfcert.layers import GaussianNoise
+    return ds.batch(512).enumerate().map(lambda i, batch: (
+        batch[0] + sigma * tf.random.stateless_normal(
+            tf.shape(batch[0]), tf.stack([tf.constant(seed, tf.int64), i])), batch[1]))
 
-    noise = GaussianNoise(sigma, seed=seed)
+
+def accuracy(base, batches: "tf.data.Dataset") -> float:
+    """Top-1 accuracy of the base classifier on batches of (images, labels)."""
+    import tensorflow as tf
+
     predict = tf.function(lambda x: tf.argmax(base(x, training=False), axis=-1))
-    correct = {"clean_accuracy": [], "noisy_accuracy": []}
-    for x, y in data.batched(test_ds, 512):
-        correct["clean_accuracy"].append(predict(x).numpy() == y.numpy())
-        correct["noisy_accuracy"].append(predict(noise(x)).numpy() == y.numpy())
-    return {**{k: float(np.mean(np.concatenate(v))) for k, v in correct.items()}, "sigma": sigma}
+    return float(np.mean(np.concatenate(
+        [predict(x).numpy() == y.numpy() for x, y in batches])))
+
+
+def evaluate(base, test_ds, sigma: float, seed: int) -> dict[str, float]:
+    """Clean accuracy and accuracy under one draw of N(0, σ²) noise per test image."""
+    return {"clean_accuracy": accuracy(base, test_ds.batch(512)),
+            "noisy_accuracy": accuracy(base, noisy_batches(test_ds, sigma, seed)), "sigma": sigma}
 
 
 def main() -> None:

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The comparison of training objectives in docs/RESULTS.md §4: every objective trained on
+# mnist_subset with the same budget rule, then certified on the same test digits.
+#
+#   bash scripts/compare_objectives.sh SIGMA [NUM_EXAMPLES] [NUM_SAMPLES] [METHODS...]
+#
+# Budget rule (the same for every objective): 10% of the training split held out, at most
+# 15 epochs, stop after 3 epochs without a better validation accuracy under one fixed draw
+# of N(0, σ²) noise, keep the best epoch.  Resumable: a finished model or certificate is
+# kept, an interrupted training or certification continues where it stopped.
+# Outputs: runs/compare/sigma$SIGMA/<objective>/{train,certify}/ and the joint table/plot
+# in runs/compare/sigma$SIGMA/table/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/venv.sh
+PY="$(venv_python "")"
+SIGMA=${1:?usage: compare_objectives.sh SIGMA [NUM_EXAMPLES] [NUM_SAMPLES] [METHODS...]}
+NUM_EXAMPLES=${2:-200}
+NUM_SAMPLES=${3:-2000}
+shift $(( $# < 3 ? $# : 3 ))
+METHODS=("$@")
+[ ${#METHODS[@]} -gt 0 ] || METHODS=(standard gaussian stn_paper stn_stop_gradient stn_code
+                                     consistency macer smoothadv)
+OUT=runs/compare/sigma$SIGMA
+
+method_flags() {
+  case "$1" in
+    stn_paper) echo "--method=stn --stability_target=paper" ;;
+    stn_stop_gradient) echo "--method=stn --stability_target=stop_gradient" ;;
+    stn_code) echo "--method=stn --stability_target=stn_code" ;;
+    smoothadv) echo "--method=smoothadv --warmup_epochs=3" ;;  # warm-up scaled to the budget
+    standard|gaussian|consistency|macer) echo "--method=$1" ;;
+    *) echo "unknown objective $1" >&2; return 1 ;;
+  esac
+}
+
+TSVS=()
+for name in "${METHODS[@]}"; do
+  flags=$(method_flags "$name")
+  if [ ! -f "$OUT/$name/train/model.keras" ]; then
+    # shellcheck disable=SC2086
+    "$PY" train.py --dataset=mnist_subset $flags --sigma="$SIGMA" --validation_split=0.1 \
+      --patience=3 --epochs=15 --output_dir="$OUT/$name/train" --verbose=2
+  fi
+  "$PY" certify.py --model="$OUT/$name/train/model.keras" --dataset=mnist_subset \
+    --sigma="$SIGMA" --num_examples="$NUM_EXAMPLES" --num_samples="$NUM_SAMPLES" --alpha=0.001 \
+    --bounds=renyi,cohen --max_radius=1.0 --grid_points=5 --output_dir="$OUT/$name/certify"
+  TSVS+=("$OUT/$name/certify/certify.tsv")
+done
+mkdir -p "$OUT/table"
+"$PY" certify.py --analyze="$(IFS=,; echo "${TSVS[*]}")" --max_radius=1.0 --grid_points=5 \
+  --output_dir="$OUT/table" | tee "$OUT/table/table.txt"
