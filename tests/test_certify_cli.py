@@ -227,3 +227,11 @@ def test_early_stopping_and_bfloat16_flags(digits_model, tmp_path):
     assert bf16.returncode == 0, bf16.stderr
     rows = results.read_tsv(str(tmp_path / "bf16" / "certify.tsv"))
     assert [sum(map(int, r["counts"].split(","))) for r in rows] == [200] * 3
+
+
+def test_analyze_labels_runs_by_the_shortest_distinct_folder_suffix():
+    from tfcert.certification import run_labels
+
+    assert run_labels(["/r/a/certify/certify.tsv", "/r/b/certify/certify.tsv"]) == [
+        "a/certify", "b/certify"]
+    assert run_labels(["/r/stn/certify.tsv", "/r/gauss/certify.tsv"]) == ["stn", "gauss"]

@@ -414,16 +414,26 @@ def summarize_l2(rows, o, output_dir: str) -> None:
     print(f"wrote {output_dir}/certify.tsv, certified_accuracy.tsv, certified_accuracy.png")
 
 
+def run_labels(paths: Sequence[str]) -> list[str]:
+    """A label per run: its folder's name, or as many trailing folders as make the labels
+    distinct (``a/certify/certify.tsv`` and ``b/certify/certify.tsv``: ``a/certify``, …)."""
+    folders = [os.path.dirname(os.path.abspath(path)).split(os.sep) for path in paths]
+    for depth in range(1, max(map(len, folders)) + 1):
+        labels = ["/".join(parts[-depth:]) for parts in folders]
+        if len(set(labels)) == len(labels):
+            break
+    return labels
+
+
 def analyze(paths: Sequence[str], o) -> None:
     """Draws the certified-accuracy curves of several finished runs on one figure:
     against the ℓ2 radius for Gaussian runs, against ℓ∞ ε for KL (RandDisc) runs."""
     runs = []
-    for path in paths:
+    for path, label in zip(paths, run_labels(paths)):
         rows = results.read_tsv(path)
         cli.require(bool(rows), f"{path} has no rows yet")
         config_path = os.path.join(os.path.dirname(path), "config.json")
         config = results.read_config(config_path) if os.path.exists(config_path) else {}
-        label = os.path.basename(os.path.dirname(os.path.abspath(path)))
         if "sigma" in config:
             label += f" σ={config['sigma']}"
         runs.append((label, rows))
