@@ -104,6 +104,21 @@ def define_shard_flags() -> None:
                          "positions i with i mod --num_shards = --shard_index.", lower_bound=0)
 
 
+def define_engine_flags(work: str) -> None:
+    """Defines --engine / --beam_options: compute the rows of ``work`` (e.g. "certify") in
+    this process or on an Apache Beam pipeline (`tfcert.beam_pipeline`)."""
+    from absl import flags
+
+    flags.DEFINE_enum("engine", "local", ["local", "beam"], f"local: {work} in this process; "
+                      "beam: on an Apache Beam pipeline (tfcert.beam_pipeline, docs/SCALING.md; "
+                      "pip install 'tfcert[beam]'), with the same rows.")
+    flags.DEFINE_string("beam_options", "", "--engine=beam: Beam pipeline options, e.g. "
+                        "\"--runner=DirectRunner --direct_num_workers=2 --direct_running_mode="
+                        "multi_processing\" (and tfcert's --intra_op_threads=N, TensorFlow "
+                        "threads per worker, and --tfcert_work_dir=PATH, the staged model and "
+                        "part files).")
+
+
 def select_examples(options, shard: bool = True):
     """(index, image, label) arrays of the examples the data flags choose, and the dataset info.
 

@@ -23,7 +23,7 @@ stdout, ``robust_accuracy.tsv``, ``robust_accuracy.png`` and ``summary.txt``.
 random draw of a row (the attack's random start, proposals and EOT draws, the
 defense's draws when it classifies, the smoothed defense's votes) comes from stateless
 keys of the example alone: `tfcert.smoothing.draw_keys` of a run key made from
-(``--seed``, purpose, ε) and the example's index in the split (`example_keys`; ε is left
+(``--seed``, purpose, ε) and the example's index in the split (`purpose_keys`; ε is left
 out for the minimum-norm attacks, whose attack serves every ε, and for the clean
 prediction).  So a row does not depend on ``--batch_size``, on the other examples of its
 batch or on the worker (``--engine=beam``, `tfcert.beam_pipeline`): up to the last
@@ -197,7 +197,7 @@ def purpose_key(seed: int, purpose: int, eps: float | None = None) -> "np.ndarra
                              .view(np.int64))
 
 
-def example_keys(seed: int, purpose: int, eps: float | None, indices) -> "tf.Tensor":
+def purpose_keys(seed: int, purpose: int, eps: float | None, indices) -> "tf.Tensor":
     """Per-example keys int64 [batch, 2] of a purpose: `tfcert.smoothing.draw_keys` of the
     run key `purpose_key` and the examples' indices (what `SmoothedClassifier.sample_counts`
     derives from that run key and the indices)."""
@@ -237,7 +237,7 @@ class Attacker:
         x, y, ids = self.images[p], self.labels[p], np.asarray(step, np.int64)
         eps = None if o.attack in MINIMUM_NORM else eps_values[0]
         x_adv = np.asarray(self.attack(x, y, eps_values[0],
-                                       example_keys(o.seed, ATTACK, eps, ids)))
+                                       purpose_keys(o.seed, ATTACK, eps, ids)))
         clean = self.defense.classify(x, purpose_key(o.seed, CLEAN), ids)
         adv = self.defense.classify(x_adv, purpose_key(o.seed, ADVERSARIAL, eps), ids)
         distance = norms(o, x_adv - x)

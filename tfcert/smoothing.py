@@ -596,7 +596,8 @@ def _clone_with_weights(model: keras.Model, requirement: str,
     cannot clone raises ``ValueError(requirement)``."""
     try:
         clone = keras.models.clone_model(model, clone_function=clone_layer, recursive=True)
-    except (ValueError, TypeError, NotImplementedError) as err:  # the last two: no get_config
+    # TypeError / NotImplementedError: a layer without get_config.
+    except (ValueError, TypeError, NotImplementedError) as err:
         raise ValueError(f"{requirement} ({err})") from err
     clone.set_weights(model.get_weights())
     return clone

@@ -62,13 +62,7 @@ flags.DEFINE_integer("seed", 0, "Random seed (attack starts, EOT and defense dra
                      "keyed with each example's index.", lower_bound=0)
 flags.DEFINE_string("output_dir", "runs/attack", "Run directory (config, TSV, table, plot).")
 flags.DEFINE_list("analyze", None, "Only draw these finished attack.tsv files on one figure.")
-flags.DEFINE_enum("engine", "local", ["local", "beam"], "local: attack in this process; beam: on "
-                  "an Apache Beam pipeline (tfcert.beam_pipeline, docs/SCALING.md; pip install "
-                  "'tfcert[beam]'), with the same rows.")
-flags.DEFINE_string("beam_options", "", "--engine=beam: Beam pipeline options, as for "
-                    "certify.py (e.g. \"--runner=DirectRunner --direct_num_workers=2 "
-                    "--direct_running_mode=multi_processing\"; tfcert's --intra_op_threads=N "
-                    "and --tfcert_work_dir=PATH).")
+cli.define_engine_flags("attack")
 
 
 def run(argv: list[str]) -> None:

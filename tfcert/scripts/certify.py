@@ -75,13 +75,7 @@ flags.DEFINE_list("analyze", None, "Only analyse these finished certify.tsv file
 flags.DEFINE_list("merge", None, "Only join these finished shard run directories (--num_shards "
                   "runs of one command) into --output_dir, as one run.")
 cli.define_shard_flags()
-flags.DEFINE_enum("engine", "local", ["local", "beam"], "local: certify in this process; beam: "
-                  "on an Apache Beam pipeline (tfcert.beam_pipeline, docs/SCALING.md; pip install "
-                  "'tfcert[beam]'), with the same rows.")
-flags.DEFINE_string("beam_options", "", "--engine=beam: Beam pipeline options, e.g. \"--runner="
-                    "DirectRunner --direct_num_workers=2 --direct_running_mode=multi_processing\" "
-                    "(and tfcert's --intra_op_threads=N, TensorFlow threads per worker, and "
-                    "--tfcert_work_dir=PATH, the staged model and part files).")
+cli.define_engine_flags("certify")
 flags.DEFINE_enum("defense", "gaussian", ["gaussian", "randdisc", "randdisc_downsampled"],
                   "gaussian: ℓ2 radii of the Gaussian-smoothed classifier (--bounds); randdisc / "
                   "randdisc_downsampled: ℓ∞ KL certificates of randomized discretization "
