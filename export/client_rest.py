@@ -2,6 +2,8 @@
 
     python export/client_rest.py --images=images.npy --seed 7 8 \
         --url=http://localhost:8501 --model=tfcert --signature=certify_seeded
+    python export/client_rest.py --images=images.npy --target_radius 0.25 \
+        --signature=certify_target
 
 sends ``POST <url>/v1/models/<model>:predict`` with the images (a ``.npy`` file of float32
 ``[batch, H, W, C]`` in [0, 1]) and prints one JSON line per image.  Needs numpy and
@@ -20,11 +22,13 @@ from typing import Any
 
 import numpy as np
 
-SIGNATURES = ("serving_default", "certify_seeded", "predict", "predict_seeded")
+SIGNATURES = ("serving_default", "certify_seeded", "predict", "predict_seeded",
+              "certify_target", "certify_target_seeded")
 
 
 def request_body(images: np.ndarray, seeds: np.ndarray | None = None,
-                 signature: str = "serving_default", form: str = "instances") -> dict:
+                 signature: str = "serving_default", form: str = "instances",
+                 target_radius: np.ndarray | float | None = None) -> dict:
     """The JSON body of a TF Serving predict request.
 
     Args:
@@ -32,11 +36,12 @@ def request_body(images: np.ndarray, seeds: np.ndarray | None = None,
         seeds: int [batch], one per image, for the ``*_seeded`` signatures.
         signature: signature name (``serving_default`` certifies with fresh noise).
         form: ``instances`` (row format: one object per image) or ``inputs`` (columnar).
+        target_radius: the ``certify_target*`` signatures' target radius, one per image
+            (one number is used for every image).
     """
-    check_seeds(signature, images, seeds)
     columns: dict[str, Any] = {"images": np.asarray(images, np.float32).tolist()}
-    if seeds is not None:
-        columns["seed"] = np.asarray(seeds, np.int64).tolist()
+    columns.update({name: value.tolist() for name, value in
+                    extra_inputs(signature, images, seeds, target_radius).items()})
     if form == "inputs":
         return {"signature_name": signature, "inputs": columns}
     if form != "instances":
@@ -45,14 +50,26 @@ def request_body(images: np.ndarray, seeds: np.ndarray | None = None,
     return {"signature_name": signature, "instances": rows}
 
 
-def check_seeds(signature: str, images, seeds) -> None:
-    """`ValueError` unless ``seeds`` has one entry per image exactly for ``*_seeded``."""
-    seeded = signature.endswith("_seeded")
-    if seeded != (seeds is not None):
-        raise ValueError(f"signature {signature!r} takes " + ("one seed per image" if seeded
-                                                              else "no seeds"))
-    if seeded and len(seeds) != len(images):
-        raise ValueError(f"got {len(seeds)} seeds for {len(images)} images")
+def extra_inputs(signature: str, images, seeds, target_radius) -> dict[str, np.ndarray]:
+    """The inputs of ``signature`` besides ``images``: ``seed`` (int64, one per image,
+    exactly for ``*_seeded``) and ``target_radius`` (float32, one per image, exactly for
+    ``certify_target*``; one number is repeated for every image); `ValueError` otherwise."""
+    inputs = {}
+    for name, value, wanted, dtype in (
+            ("seed", seeds, signature.endswith("_seeded"), np.int64),
+            ("target_radius", target_radius, signature.startswith("certify_target"), np.float32)):
+        if wanted != (value is not None):
+            raise ValueError(f"signature {signature!r} takes " + (f"one {name} per image"
+                                                                  if wanted else f"no {name}"))
+        if value is None:
+            continue
+        value = np.asarray(value, dtype)
+        if name == "target_radius" and value.ndim == 0:
+            value = np.full(len(images), value, dtype)
+        if value.shape != (len(images),):
+            raise ValueError(f"got {value.size} {name} values for {len(images)} images")
+        inputs[name] = value
+    return inputs
 
 
 def parse_response(body: dict) -> dict[str, np.ndarray]:
@@ -64,6 +81,11 @@ def parse_response(body: dict) -> dict[str, np.ndarray]:
         return {name: np.asarray(values) for name, values in body["outputs"].items()}
     rows = body["predictions"]
     return {name: np.asarray([row[name] for row in rows]) for name in (rows[0] if rows else {})}
+
+
+def target_values(values: list[float] | None) -> np.ndarray | float | None:
+    """``--target_radius`` as given: None, one number for every image, or one per image."""
+    return values[0] if values and len(values) == 1 else values
 
 
 def print_rows(outputs: dict[str, np.ndarray]) -> None:
@@ -125,6 +147,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", required=True, help=".npy file, float32 [batch, H, W, C]")
     parser.add_argument("--seed", type=int, nargs="*", help="one seed per image (*_seeded)")
+    parser.add_argument("--target_radius", type=float, nargs="*", help="certify_target*: "
+                        "one target radius per image, or one for every image")
     parser.add_argument("--signature", default="serving_default", choices=SIGNATURES)
     parser.add_argument("--form", default="instances", choices=("instances", "inputs"))
     parser.add_argument("--url", default="http://localhost:8501")
@@ -132,7 +156,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--local", help="answer in-process from this SavedModel directory")
     args = parser.parse_args(argv)
     try:
-        body = request_body(np.load(args.images), args.seed, args.signature, args.form)
+        body = request_body(np.load(args.images), args.seed, args.signature, args.form,
+                            target_values(args.target_radius))
     except ValueError as err:
         parser.error(str(err))
     try:

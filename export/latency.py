@@ -23,6 +23,7 @@ import tensorflow as tf
 from tensorflow_serving.apis import prediction_log_pb2
 
 WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
+TARGET_RADIUS = 0.25  # target of the timed certify_target requests (--target_radius)
 
 
 class Timer:
@@ -56,9 +57,11 @@ def warmup_requests(export_dir: str) -> list[tuple[str, dict[str, np.ndarray]]]:
     return requests
 
 
-def measure(export_dir: str, images: np.ndarray, batches: list[int], repeats: int) -> dict:
+def measure(export_dir: str, images: np.ndarray, batches: list[int], repeats: int,
+            target_radius: float = TARGET_RADIUS) -> dict:
     """Load time, the warmup replay (cold calls) and median warm times per signature and
-    batch size (seeded signatures get seeds 0 … B − 1)."""
+    batch size (seeded signatures get seeds 0 … B − 1, certify_target ones the target
+    ``target_radius`` for every image)."""
     start = time.perf_counter()
     timer = Timer(export_dir)
     report: dict = {"load_s": round(time.perf_counter() - start, 3), "warmup": {}, "warm": {}}
@@ -66,11 +69,13 @@ def measure(export_dir: str, images: np.ndarray, batches: list[int], repeats: in
         report["warmup"][signature] = timer.run(signature, inputs)
     report["warmup_total_wall_s"] = round(sum(t["wall_s"] for t in report["warmup"].values()), 3)
     for signature in sorted(report["warmup"]):
-        seeded = "seed" in timer.signatures[signature].inputs
+        names = timer.signatures[signature].inputs
         for batch in batches:
             inputs = {"images": images[:batch]}
-            if seeded:
+            if "seed" in names:
                 inputs["seed"] = np.arange(batch, dtype=np.int64)
+            if "target_radius" in names:
+                inputs["target_radius"] = np.full(batch, target_radius, np.float32)
             runs = [timer.run(signature, inputs) for _ in range(repeats)]
             report["warm"][f"{signature} batch={batch}"] = {
                 key: round(float(np.median([r[key] for r in runs])), 3)
@@ -84,12 +89,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", required=True, help=".npy file, float32 [batch, H, W, C]")
     parser.add_argument("--batch", type=int, nargs="+", default=[1], help="batch sizes")
     parser.add_argument("--repeats", type=int, default=3, help="warm calls per batch size")
+    parser.add_argument("--target_radius", type=float, default=TARGET_RADIUS,
+                        help="target radius of the certify_target requests")
     args = parser.parse_args(argv)
     images = np.load(args.images)
     if max(args.batch) > len(images) or min(args.batch) < 1 or args.repeats < 1:
         parser.error(f"--batch must be in [1, {len(images)}] (images in --images), "
                      "--repeats >= 1")
-    print(json.dumps(measure(args.export, images, args.batch, args.repeats), indent=1))
+    print(json.dumps(measure(args.export, images, args.batch, args.repeats,
+                             args.target_radius), indent=1))
 
 
 if __name__ == "__main__":

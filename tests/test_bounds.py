@@ -190,7 +190,7 @@ def test_pixeldp_uses_only_pairs_the_exact_condition_accepts():
 
 
 def test_renyi_objective_is_unimodal_in_alpha():
-    """The grid + golden-section search relies on a single maximum over α > 1."""
+    """The refined-grid search relies on a single maximum over α > 1."""
     p1, p2 = simplex_grid(0.05)
     for a, b in zip(p1, p2):
         values = reference_exponent(REFERENCE_ALPHAS, a, b)

@@ -29,6 +29,25 @@ Signatures (each takes ``images``: float32 ``[batch, H, W, C]`` in [0, 1], any b
     TF Serving's row format needs every input to share the batch dimension, and
     signature inputs cannot be optional, hence separate signatures rather than an
     optional scalar seed.
+``certify_target``, ``certify_target_seeded``
+    Certification with early stopping (:mod:`tfcert.sequential`, method
+    ``"checkpoints"``, simultaneous statistics) in one in-graph ``tf.while_loop``.  A
+    second input ``target_radius`` (float32 ``[batch]``, finite, >= 0) gives each
+    image's target.  At look j every still undecided image gets draws
+    ``n_{j-1} … n_j − 1`` (checkpoints ``n_j`` = 200, 400, 800, …, n by default,
+    :data:`FIRST_CHECKPOINT`: only the
+    undecided images are gathered into the sampling passes) and its certificate from
+    all its votes at level α_j (Clopper-Pearson simultaneous over the classes, the
+    Bonferroni shares α_j of `tfcert.sequential.EarlyStopping.levels`: half of α at
+    the last checkpoint, the rest split equally, Σ α_j = α); it stops once certified
+    at radius >= its target, or once the target is out of reach (the reachable radius
+    of `tfcert.sequential.reachable_radius` is below it); the loop ends when every
+    image has stopped or after the n-th draw.  Outputs: those of ``certify_seeded``
+    (the certificate of the look where the image stopped) and ``num_samples`` (int64,
+    draws spent per image).  ``certify_target_seeded`` takes ``seed`` as
+    ``certify_seeded`` and gives the answer of
+    ``certify_sequential(sc, image[None], n, EarlyStopping(target, "checkpoints",
+    first_look=200), alpha, bound, seed=seed)``.
 
 Fresh noise: the unseeded signatures draw their run key from a
 ``RandomUniformInt`` op with zero seed attributes, which TensorFlow seeds from OS
@@ -38,15 +57,18 @@ from the saved state on every server start and replay the same noise.)
 
 Bad requests fail with ``InvalidArgument`` before any certificate is returned: wrong
 rank or image size, wrong dtype (the signature's TensorSpec), NaN/Inf, pixel values
-outside [0, 1], a ``seed`` whose length differs from the batch.
+outside [0, 1], a ``seed`` whose length differs from the batch, a ``target_radius``
+that is not one finite number >= 0 per image.
 
 Every input and output of every signature has a leading batch dimension (``-1``), as
 TF Serving's request batching (``--enable_batching``) needs: it concatenates the inputs
 of several requests along dimension 0 and splits every output along it.
 
-n, σ, α, the bound and the pass size are baked in; they are also attributes of the
-loaded object (``loaded.num_samples``, ``loaded.sigma`` (NaN for non-Gaussian noise),
-``loaded.alpha``, ``loaded.bound``, ``loaded.serving_device``, ...) and written to the
+n, σ, α, the bound, the pass size and the checkpoints of the early-stopping
+signatures are baked in; they are also attributes of the loaded object
+(``loaded.num_samples``, ``loaded.sigma`` (NaN for non-Gaussian noise),
+``loaded.alpha``, ``loaded.bound``, ``loaded.serving_device``, ``loaded.target_looks``,
+``loaded.target_levels``, ...) and written to the
 asset ``assets/tfcert_config.json``.  The automatic pass size depends on the device the
 server runs on (:func:`serving_pass_size`).  :func:`versioned_path` gives TF Serving's
 ``<base>/<name>/<version>/`` layout.
@@ -54,9 +76,10 @@ server runs on (:func:`serving_pass_size`).  :func:`versioned_path` gives TF Ser
 Warmup: ``assets.extra/tf_serving_warmup_requests`` holds one ``PredictionLog`` per
 signature (TF Serving's SavedModel warmup: a TFRecord file the server replays at load,
 so the first real request does not pay for graph optimisation and kernel creation).
-Each is a ``PredictRequest`` of one image of 0.5s (and seed 0): it costs what one such
-request costs, n noisy samples per certificate signature.  The records are encoded here
-(:func:`prediction_log`), so exporting needs TensorFlow only, not tensorflow-serving-api.
+Each is a ``PredictRequest`` of one image of 0.5s (and seed 0, target radius 0): it
+costs what one such request costs, at most n noisy samples per certificate signature.
+The records are encoded here (:func:`prediction_log`), so exporting needs TensorFlow
+only, not tensorflow-serving-api.
 """
 
 from __future__ import annotations
@@ -75,16 +98,25 @@ from tensorflow.core.protobuf import meta_graph_pb2
 
 import tfcert
 from tfcert import stats
+from tfcert.sequential import EarlyStopping
 from tfcert.smoothing import (ABSTAIN, ESTIMATION, GPU_PASS_MEMORY, MAX_PASS_SIZE, RADII,
                               SmoothedClassifier, activation_bytes, draw_keys)
 
 BOUNDS = (*RADII, "none")
 CONFIG_ASSET = "tfcert_config.json"
-SIGNATURES = ("serving_default", "certify_seeded", "predict", "predict_seeded")
+SIGNATURES = ("serving_default", "certify_seeded", "predict", "predict_seeded",
+              "certify_target", "certify_target_seeded")
 SERVING_DEVICES = ("cpu", "gpu")
 # TF Serving's SavedModel warmup file (read at load when --enable_model_warmup, the default).
 WARMUP_FILE = "assets.extra/tf_serving_warmup_requests"
 WARMUP_PIXEL = 0.5  # every pixel of a warmup image (inside [0, 1], so the request is valid)
+# First checkpoint of certify_target (looks after 200, 400, 800, … draws; growth 2).  In
+# the graph a look costs a fixed ≈ 3-5 ms (bounds bisections, radius search) besides its
+# draws, so an easy image should be decided at the first look: chosen on held-out digits
+# test images 100-299 among 50, 100, 200, 400 (docs/PERFORMANCE.md, export early stopping).
+FIRST_CHECKPOINT = 200
+# Warmup values of the other inputs, by name (integer inputs not listed get 0).
+WARMUP_VALUES = {"seed": 0, "target_radius": 0.0}
 # Ops that must never appear in an exported graph (SPEC §2): Python callbacks, XLA.
 FORBIDDEN_OPS = frozenset({"PyFunc", "PyFuncStateless", "EagerPyFunc", "XlaLaunch",
                            "_XlaCompile", "_XlaRun", "XlaCallModule"})
@@ -109,6 +141,11 @@ class ExportConfig:
         serving_device: ``cpu`` or ``gpu``, the server's device the automatic pass size
             was chosen for (:func:`serving_pass_size`).
         model_name: TF Serving model name the warmup requests carry.
+        target_looks: draws per image at each look of ``certify_target``, the
+            checkpoints ``n_1 < … < n_J = num_samples`` (`EarlyStopping.looks`).
+        target_levels: level α_j of each look's bounds (`EarlyStopping.levels`,
+            Bonferroni shares summing to ``alpha``).
+        futility_level: level of the optimistic bounds of the futility rule.
     """
 
     num_samples: int
@@ -122,6 +159,9 @@ class ExportConfig:
     noise: dict
     serving_device: str
     model_name: str
+    target_looks: tuple[int, ...]
+    target_levels: tuple[float, ...]
+    futility_level: float
 
     def to_json(self) -> dict:
         return {
@@ -130,7 +170,9 @@ class ExportConfig:
             "tensorflow_version": tf.__version__,
             **dataclasses.asdict(self),
             "statistics": "simultaneous Clopper-Pearson over all classes (Bonferroni alpha/k), "
-                          "STN Section 4",
+                          "STN Section 4; certify_target: the same at each checkpoint of "
+                          "target_looks at its level of target_levels (Bonferroni over the "
+                          "checkpoints, sum = alpha; tfcert.sequential method 'checkpoints')",
             "signatures": {
                 "serving_default": "certify with fresh noise: prediction (int64, -1 abstain), "
                                    "radius (float32), counts (int64), p1_lower, p2_upper "
@@ -139,9 +181,13 @@ class ExportConfig:
                 "predict": "smoothed prediction with abstention (two-sided binomial test "
                            "at level alpha): prediction, counts, p_value",
                 "predict_seeded": "predict with seed (int64 [batch]) per image",
+                "certify_target": "certify with early stopping at target_radius (float32 "
+                                  "[batch]) per image: the certify outputs and num_samples "
+                                  "(int64, draws spent per image)",
+                "certify_target_seeded": "certify_target with seed (int64 [batch]) per image",
             },
             "warmup": f"{WARMUP_FILE}: one PredictRequest per signature, one image of "
-                      f"{WARMUP_PIXEL} (and seed 0)",
+                      f"{WARMUP_PIXEL} (and seed 0, target radius 0)",
         }
 
 
@@ -150,7 +196,9 @@ def export_saved_model(smoothed: SmoothedClassifier, path: str, num_samples: int
                        predict_num_samples: int | None = None,
                        image_shape: Sequence[int] | None = None,
                        serving_device: str = "cpu", model_name: str | None = None,
-                       metadata: Mapping[str, Any] | None = None) -> ExportConfig:
+                       metadata: Mapping[str, Any] | None = None,
+                       first_checkpoint: int | None = None,
+                       checkpoint_growth: float | None = None) -> ExportConfig:
     """Writes ``smoothed`` as a TF Serving SavedModel at ``path`` (see the module docstring).
 
     The directory is written next to ``path`` under a temporary name, checked (no
@@ -178,6 +226,11 @@ def export_saved_model(smoothed: SmoothedClassifier, path: str, num_samples: int
             ``path``'s parent folder (``<base>/<name>/<version>``, :func:`versioned_path`).
         metadata: JSON-serialisable facts to record in the config asset (e.g. the
             model file and its hash).
+        first_checkpoint, checkpoint_growth: the looks of ``certify_target``: the
+            first after ``first_checkpoint`` draws (default :data:`FIRST_CHECKPOINT`),
+            each next one at ``checkpoint_growth`` times the previous (default 2, as
+            `tfcert.sequential.SCHEDULES`), the last at ``num_samples``
+            (`EarlyStopping.looks`).
 
     Returns:
         The `ExportConfig` baked into the export.
@@ -191,7 +244,10 @@ def export_saved_model(smoothed: SmoothedClassifier, path: str, num_samples: int
     path = os.path.abspath(path)
     config = _config(smoothed, num_samples, alpha, bound, pass_size, predict_num_samples,
                      image_shape, serving_device,
-                     model_name or os.path.basename(os.path.dirname(path)))
+                     model_name or os.path.basename(os.path.dirname(path)),
+                     EarlyStopping(target_radius=0.0, method="checkpoints",
+                                   first_look=first_checkpoint or FIRST_CHECKPOINT,
+                                   growth=checkpoint_growth))
     if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
         raise FileExistsError(f"{path} already exists; choose a new version directory")
     parent = os.path.dirname(path)
@@ -255,13 +311,14 @@ def serving_pass_size(smoothed: SmoothedClassifier, image_shape: Sequence[int],
 def write_warmup_requests(path: str, model_name: str) -> None:
     """Writes :data:`WARMUP_FILE` into the SavedModel at ``path``: one ``PredictionLog``
     per signature (sorted by name), each a request for one image of
-    :data:`WARMUP_PIXEL` (and seed 0), its inputs built from the saved signature defs."""
+    :data:`WARMUP_PIXEL` (and :data:`WARMUP_VALUES` for the other inputs), its inputs
+    built from the saved signature defs."""
     (meta_graph,) = _graph_defs(path)
     names = sorted(k for k in meta_graph.signature_def if not k.startswith("__"))
     os.makedirs(os.path.dirname(os.path.join(path, WARMUP_FILE)), exist_ok=True)
     with tf.io.TFRecordWriter(os.path.join(path, WARMUP_FILE)) as writer:
         for name in names:
-            inputs = {key: _warmup_tensor(info)
+            inputs = {key: _warmup_tensor(key, info)
                       for key, info in meta_graph.signature_def[name].inputs.items()}
             writer.write(prediction_log(model_name, name, inputs))
 
@@ -362,18 +419,20 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
-def _warmup_tensor(info: meta_graph_pb2.TensorInfo) -> np.ndarray:
-    """A valid warmup value of a signature input (a ``TensorInfo``): batch 1, pixels of
-    :data:`WARMUP_PIXEL` for float inputs, zeros (seed 0) for integer ones."""
+def _warmup_tensor(name: str, info: meta_graph_pb2.TensorInfo) -> np.ndarray:
+    """A valid warmup value of the signature input ``name`` (a ``TensorInfo``): batch 1,
+    filled with its :data:`WARMUP_VALUES` entry (seed 0, target radius 0), else pixels
+    of :data:`WARMUP_PIXEL` for float inputs (images) and 0 for integer ones."""
     dtype = tf.dtypes.as_dtype(info.dtype)
     shape = [1 if d.size < 0 else d.size for d in info.tensor_shape.dim]
-    return np.full(shape, WARMUP_PIXEL if dtype.is_floating else 0, dtype.as_numpy_dtype)
+    value = WARMUP_VALUES.get(name, WARMUP_PIXEL if dtype.is_floating else 0)
+    return np.full(shape, value, dtype.as_numpy_dtype)
 
 
 def _config(smoothed: SmoothedClassifier, num_samples: int, alpha: float, bound: str,
             pass_size: int | None, predict_num_samples: int | None,
             image_shape: Sequence[int] | None, serving_device: str,
-            model_name: str) -> ExportConfig:
+            model_name: str, rule: EarlyStopping) -> ExportConfig:
     _check_serving_device(serving_device)
     if not isinstance(smoothed, SmoothedClassifier):
         raise TypeError(f"expected a SmoothedClassifier, got {type(smoothed).__name__}")
@@ -393,6 +452,8 @@ def _config(smoothed: SmoothedClassifier, num_samples: int, alpha: float, bound:
                          "pass image_shape=")
     # ℓ2 radii need Gaussian noise: `sigma` raises a clear error otherwise.
     sigma = smoothed.sigma if bound != "none" else getattr(smoothed.noise, "stddev", None)
+    # The checkpoints of certify_target (the target itself comes with each request).
+    looks = rule.looks(int(num_samples))
     return ExportConfig(
         num_samples=int(num_samples), predict_num_samples=int(predict_num_samples),
         alpha=float(alpha), bound=bound, sigma=None if sigma is None else float(sigma),
@@ -400,12 +461,15 @@ def _config(smoothed: SmoothedClassifier, num_samples: int, alpha: float, bound:
         pass_size=int(pass_size or serving_pass_size(smoothed, image_shape, serving_device)),
         noise={"class_name": type(smoothed.noise).__name__,
                "config": smoothed.noise.get_config()},
-        serving_device=serving_device, model_name=model_name)
+        serving_device=serving_device, model_name=model_name,
+        target_looks=tuple(int(n) for n in looks),
+        target_levels=tuple(float(a) for a in rule.levels(alpha, len(looks))),
+        futility_level=float(rule.futility_level))
 
 
 def _serving_module(smoothed: SmoothedClassifier, config: ExportConfig,
                     config_file: str) -> tf.Module:
-    """A tf.Module holding the four signature functions, the variables they read (tracked
+    """A tf.Module holding the signature functions, the variables they read (tracked
     explicitly, SPEC §2), the baked-in constants and the config asset."""
     module = tf.Module(name="tfcert_smoothed_classifier")
     module.config_file = tf.saved_model.Asset(config_file)
@@ -417,11 +481,14 @@ def _serving_module(smoothed: SmoothedClassifier, config: ExportConfig,
                                ("bound", config.bound, tf.string),
                                ("num_classes", config.num_classes, tf.int64),
                                ("pass_size", config.pass_size, tf.int64),
-                               ("serving_device", config.serving_device, tf.string)):
+                               ("serving_device", config.serving_device, tf.string),
+                               ("target_looks", config.target_looks, tf.int64),
+                               ("target_levels", config.target_levels, tf.float64)):
         setattr(module, name, tf.Variable(value, dtype=dtype, trainable=False, name=name))
 
     images_spec = tf.TensorSpec([None, *config.image_shape], tf.float32, name="images")
     seed_spec = tf.TensorSpec([None], tf.int64, name="seed")
+    target_spec = tf.TensorSpec([None], tf.float32, name="target_radius")
     votes = _VoteCounter(smoothed, config)
 
     def certify(images):
@@ -436,10 +503,22 @@ def _serving_module(smoothed: SmoothedClassifier, config: ExportConfig,
     def predict_seeded(images, seed):
         return _prediction(votes.seeded(images, seed, config.predict_num_samples), config.alpha)
 
+    def certify_target(images, target_radius):
+        images = votes.checked(images)
+        return _certify_target(votes, images, votes.fresh_keys(images), target_radius, config)
+
+    def certify_target_seeded(images, target_radius, seed):
+        images = votes.checked(images)
+        return _certify_target(votes, images, votes.seeded_keys(images, seed), target_radius,
+                               config)
+
     functions = {"serving_default": (certify, [images_spec]),
                  "certify_seeded": (certify_seeded, [images_spec, seed_spec]),
                  "predict": (predict, [images_spec]),
-                 "predict_seeded": (predict_seeded, [images_spec, seed_spec])}
+                 "predict_seeded": (predict_seeded, [images_spec, seed_spec]),
+                 "certify_target": (certify_target, [images_spec, target_spec]),
+                 "certify_target_seeded": (certify_target_seeded,
+                                           [images_spec, target_spec, seed_spec])}
     for name, (fn, signature) in functions.items():
         setattr(module, name, tf.function(fn, input_signature=signature, autograph=False))
     # Track the tf.Variables the traced functions capture, as keras.export.ExportArchive
@@ -464,30 +543,43 @@ class _VoteCounter:
         self.pass_size = config.pass_size
 
     def fresh(self, images: tf.Tensor, num_samples: int) -> tf.Tensor:
-        """Votes with unpredictable noise: a run key drawn from OS entropy per call, image
-        ``b`` of the request keyed by its position ``b``."""
+        """Votes with unpredictable noise (`fresh_keys`)."""
         images = self.checked(images)
-        entropy = tf.raw_ops.RandomUniformInt(shape=[2], minval=tf.constant(_INT64.min),
-                                              maxval=tf.constant(_INT64.max), seed=0, seed2=0)
-        positions = tf.range(tf.shape(images, out_type=tf.int64)[0])
-        return self.count(images, num_samples, draw_keys(entropy, ESTIMATION, positions))
+        return self.count(images, self.fresh_keys(images), num_samples)
 
     def seeded(self, images: tf.Tensor, seed: tf.Tensor, num_samples: int) -> tf.Tensor:
-        """Votes of each image with run key ``[seed_i, 0]`` and index 0: the votes of
+        """Votes of each image keyed by its seed (`seeded_keys`): the votes of
         ``SmoothedClassifier.sample_counts(image[None], n, seed=seed_i)``, whatever else
         is in the request."""
         images = self.checked(images)
+        return self.count(images, self.seeded_keys(images, seed), num_samples)
+
+    @staticmethod
+    def fresh_keys(images: tf.Tensor) -> tf.Tensor:
+        """Noise keys of a run key drawn from OS entropy per call, image ``b`` of the
+        request keyed by its position ``b``."""
+        entropy = tf.raw_ops.RandomUniformInt(shape=[2], minval=tf.constant(_INT64.min),
+                                              maxval=tf.constant(_INT64.max), seed=0, seed2=0)
+        positions = tf.range(tf.shape(images, out_type=tf.int64)[0])
+        return draw_keys(entropy, ESTIMATION, positions)
+
+    @staticmethod
+    def seeded_keys(images: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+        """Noise keys of run key ``[seed_i, 0]`` and index 0 per image (checked: one seed
+        per image)."""
         check = tf.debugging.assert_equal(tf.shape(seed)[0], tf.shape(images)[0],
                                           message="seed must have one entry per image")
         with tf.control_dependencies([check]):
             seed = tf.cast(seed, tf.int64)
         keys = tf.stack([seed, tf.zeros_like(seed)], axis=1)
-        return self.count(images, num_samples,
-                          draw_keys(keys, ESTIMATION, tf.zeros_like(seed)))
+        return draw_keys(keys, ESTIMATION, tf.zeros_like(seed))
 
-    def count(self, images: tf.Tensor, num_samples: int, keys: tf.Tensor) -> tf.Tensor:
-        return self.smoothed.count_votes(images, keys, tf.constant(num_samples, tf.int64),
-                                         tf.constant(self.pass_size, tf.int64))
+    def count(self, images: tf.Tensor, keys: tf.Tensor, num_samples: int | tf.Tensor,
+              first_draw: int | tf.Tensor = 0) -> tf.Tensor:
+        """Votes of draws ``first_draw … first_draw + num_samples − 1`` of each image."""
+        return self.smoothed.count_votes(images, keys, tf.cast(num_samples, tf.int64),
+                                         tf.constant(self.pass_size, tf.int64),
+                                         tf.cast(first_draw, tf.int64))
 
     def checked(self, images: tf.Tensor) -> tf.Tensor:
         """``images`` once the request is known to be valid (else InvalidArgument)."""
@@ -510,15 +602,146 @@ class _VoteCounter:
 def _certificate(counts: tf.Tensor, config: ExportConfig) -> dict[str, tf.Tensor]:
     """STN Algorithm 1 steps 4-6 on the counts, as `SmoothedClassifier.certify` does."""
     p1_lower, p2_upper, top = stats.simultaneous_bounds(counts, config.alpha)
-    certified = p1_lower > p2_upper
+    return {"prediction": tf.where(p1_lower > p2_upper, top, tf.constant(ABSTAIN, tf.int64)),
+            "radius": _float32_round_down(_radius(p1_lower, p2_upper, config)),
+            "counts": counts, "p1_lower": p1_lower, "p2_upper": p2_upper}
+
+
+def _radius(p1_lower: tf.Tensor, p2_upper: tf.Tensor, config: ExportConfig) -> tf.Tensor:
+    """float64 radius of ``config.bound`` (0 for ``none``), 0 where ``p1 <= p2``."""
     if config.bound == "none":
-        radius = tf.zeros_like(p1_lower)
-    else:
-        radius = RADII[config.bound](p1_lower, p2_upper, config.sigma)
-    radius = tf.where(certified, radius, tf.zeros_like(radius))
-    return {"prediction": tf.where(certified, top, tf.constant(ABSTAIN, tf.int64)),
-            "radius": _float32_round_down(radius), "counts": counts,
-            "p1_lower": p1_lower, "p2_upper": p2_upper}
+        return tf.zeros_like(p1_lower)
+    radius = RADII[config.bound](p1_lower, p2_upper, config.sigma)
+    return tf.where(p1_lower > p2_upper, radius, tf.zeros_like(radius))
+
+
+def _checked_targets(target_radius: tf.Tensor, batch: tf.Tensor) -> tf.Tensor:
+    """float64 ``target_radius`` once it is known to hold one finite radius >= 0 per
+    image (else InvalidArgument)."""
+    # Dims 0-1 of the shape padded with zeros equal [batch, 0] iff it is [batch].
+    dims = tf.concat([tf.shape(target_radius, out_type=tf.int64), tf.zeros([2], tf.int64)],
+                     axis=0)[:2]
+    shape_ok = tf.debugging.assert_equal(
+        dims, tf.stack([batch, tf.constant(0, tf.int64)]),
+        message="target_radius must have shape [batch]: one radius per image")
+    with tf.control_dependencies([shape_ok]):
+        target = tf.debugging.assert_all_finite(target_radius, "target_radius contains NaN or Inf")
+    sign_ok = tf.debugging.assert_greater_equal(target, 0.0,
+                                                message="target_radius must be >= 0")
+    with tf.control_dependencies([sign_ok]):
+        return tf.cast(target, tf.float64)
+
+
+def _certify_target(votes: _VoteCounter, images: tf.Tensor, keys: tf.Tensor,
+                    target_radius: tf.Tensor, config: ExportConfig) -> dict[str, tf.Tensor]:
+    """`tfcert.sequential.run_sequential` with method ``"checkpoints"`` and simultaneous
+    statistics, as one ``tf.while_loop`` over the looks.
+
+    Look j samples draws ``n_{j−1} … n_j − 1`` of the undecided images only (gathered
+    into the same passes, `SmoothedClassifier.count_votes`), adds them to their votes,
+    certifies them at level α_j (:func:`_look`) and drops the decided ones; the loop
+    ends when none is left or after the last look.  Each image keeps the certificate
+    of the look where it stopped (valid at level Σ α_j = α whatever the stopping rule,
+    module docstring of :mod:`tfcert.sequential`).
+    """
+    batch = tf.shape(images, out_type=tf.int64)[0]
+    target = _checked_targets(target_radius, batch)
+    looks = tf.constant(config.target_looks, tf.int64)
+    starts = tf.constant((0, *config.target_looks[:-1]), tf.int64)
+    zeros = tf.zeros(tf.expand_dims(batch, 0), tf.float64)
+    result = {"prediction": tf.fill(tf.expand_dims(batch, 0), tf.constant(ABSTAIN, tf.int64)),
+              "radius": zeros, "p1_lower": zeros, "p2_upper": zeros,
+              "num_samples": tf.zeros(tf.expand_dims(batch, 0), tf.int64)}
+
+    def look(j, active, counts, result):
+        new_votes = votes.count(tf.gather(images, active), tf.gather(keys, active),
+                                looks[j] - starts[j], starts[j])
+        rows = active[:, None]
+        counts = tf.tensor_scatter_nd_add(counts, rows, new_votes)
+        cert, stop = _look(tf.gather(counts, active), j, tf.gather(target, active), config)
+        cert["num_samples"] = tf.fill(tf.shape(active), looks[j])
+        result = {key: tf.tensor_scatter_nd_update(value, rows, cert[key])
+                  for key, value in result.items()}
+        return j + 1, tf.boolean_mask(active, ~stop), counts, result
+
+    _, _, counts, result = tf.while_loop(
+        lambda j, active, counts, result: tf.size(active) > 0, look,
+        (tf.constant(0), tf.range(batch),
+         tf.zeros(tf.stack([batch, config.num_classes]), tf.int64), result),
+        shape_invariants=(tf.TensorShape([]), tf.TensorShape([None]),
+                          tf.TensorShape([None, config.num_classes]),
+                          {key: tf.TensorShape([None]) for key in result}),
+        maximum_iterations=len(config.target_looks))
+    return {**result, "radius": _float32_round_down(result["radius"]), "counts": counts}
+
+
+def _look(counts: tf.Tensor, j: tf.Tensor, target: tf.Tensor,
+          config: ExportConfig) -> tuple[dict[str, tf.Tensor], tf.Tensor]:
+    """The certificate of look ``j`` and which images stop.
+
+    The certificate is `tfcert.sequential.look_certificate`'s: with the checkpoints,
+    the fixed-n certificate of the votes so far at level α_j (every class bounded at
+    α_j/(2k), `tfcert.stats.top_class_bounds`).  An image stops
+    (`tfcert.sequential.decided`) once certified at radius >= its target, or once its
+    reachable radius (:func:`_projected_bounds`) is below the target.  Every bound of
+    the look is one bisection (the certificate's and the futility rates), the
+    projections a second one (skipped when every image is certified at its target),
+    each radius one refined-grid search: the cost of a look is a few fixed-size loops
+    whatever the number of images.
+    """
+    k = config.num_classes
+    drawn = tf.cast(tf.gather(tf.constant(config.target_looks, tf.int64), j), tf.float64)
+    side = tf.gather(tf.constant(config.target_levels, tf.float64), j) / (2.0 * k)
+    top = tf.argmax(counts, axis=-1, output_type=tf.int64)
+    is_top = tf.one_hot(top, k, on_value=True, off_value=False)
+    runner = tf.argmax(tf.where(is_top, -tf.ones_like(counts), counts), axis=-1,
+                       output_type=tf.int64)
+    top_votes, runner_votes = (tf.cast(tf.gather(counts, c, axis=-1, batch_dims=1), tf.float64)
+                               for c in (top, runner))
+    successes = tf.concat([tf.cast(counts, tf.float64), top_votes[:, None],
+                           runner_votes[:, None]], axis=1)
+    levels = tf.concat([tf.fill([k], side), tf.constant([config.futility_level] * 2, tf.float64)],
+                       axis=0)
+    lower, upper = stats.clopper_pearson_graph(successes, drawn, levels)
+    p1, p2, top = stats.top_class_bounds(counts, lower[:, :k], upper[:, :k])
+    radius = _radius(p1, p2, config)
+    done = (p1 > p2) & (radius >= target)
+
+    def futile() -> tf.Tensor:
+        reach_p1, reach_p2 = _projected_bounds(top_votes, runner_votes, upper[:, k],
+                                               lower[:, k + 1], j, config)
+        return _radius(reach_p1, reach_p2, config) < target
+
+    # The futility rule only matters for the images not certified at their target.
+    futile = tf.cond(tf.reduce_all(done), lambda: tf.zeros_like(done), futile)
+    cert = {"prediction": tf.where(p1 > p2, top, tf.constant(ABSTAIN, tf.int64)),
+            "radius": radius, "p1_lower": p1, "p2_upper": p2}
+    return cert, done | futile
+
+
+def _projected_bounds(top_votes: tf.Tensor, runner_votes: tf.Tensor, top_rate: tf.Tensor,
+                      runner_rate: tf.Tensor, j: tf.Tensor,
+                      config: ExportConfig) -> tuple[tf.Tensor, tf.Tensor]:
+    """The bounds of the reachable radius (`tfcert.sequential.reachable_radius`,
+    checkpoints, simultaneous statistics): those of the last look (n = ``num_samples``
+    draws, level α_J/(2k) per bound) if the draws of the looks after ``j`` came at
+    optimistic frequencies, the top class's at ``top_rate`` (its level-
+    ``futility_level`` upper bound) and the runner-up's at ``runner_rate`` (its lower
+    bound).  The future looks are added one by one in order, as `tfcert.sequential`
+    sums them (numpy sums up to 7 terms in that order: bit-identical answers up to 7
+    looks, e.g. n <= 12,800 with the default checkpoints; beyond, numpy's pairwise sum may differ in the last bit).
+    """
+    drawn = tf.cast(tf.gather(tf.constant(config.target_looks, tf.int64), j), tf.float64)
+    top_final, runner_rest = top_votes, drawn - runner_votes  # runner-up: its non-votes
+    for index, increment in enumerate(np.diff(config.target_looks, prepend=0)):
+        future, increment = j < index, float(increment)
+        top_final += tf.where(future, top_rate * increment, tf.zeros_like(top_rate))
+        runner_rest += tf.where(future, increment - runner_rate * increment,
+                                tf.zeros_like(runner_rate))
+    side = config.target_levels[-1] / (2 * config.num_classes)
+    lower, _ = stats.clopper_pearson_graph(tf.stack([top_final, runner_rest]),
+                                           float(config.target_looks[-1]), side)
+    return lower[0], tf.minimum(stats.complement_up(lower[1]), stats.complement_up(lower[0]))
 
 
 def _prediction(counts: tf.Tensor, alpha: float) -> dict[str, tf.Tensor]:

@@ -251,6 +251,16 @@ def simultaneous_bounds(counts: TensorLike,
     num_classes = tf.cast(tf.shape(counts)[-1], tf.float64)
     n = tf.reduce_sum(counts, axis=-1, keepdims=True)
     lower, upper = clopper_pearson_graph(counts, n, _level(alpha) / (2.0 * num_classes))
+    return top_class_bounds(counts, lower, upper)
+
+
+def top_class_bounds(counts: TensorLike, lower: tf.Tensor,
+                     upper: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """``(p1_lower, p2_upper, top)`` of :func:`simultaneous_bounds` from per-class bounds
+    ``lower``, ``upper`` (``[batch, k]``, each at level α/(2k)) of the ``counts``:
+    ``top = argmax counts`` (first index on ties), its lower bound, and the largest
+    upper bound of the other classes capped at ``1 − p1_lower`` (rounded up)."""
+    counts = tf.convert_to_tensor(counts)
     top = tf.argmax(counts, axis=-1, output_type=tf.int64)
     is_top = tf.one_hot(top, tf.shape(counts)[-1], on_value=True, off_value=False)
     p1_lower = tf.reduce_sum(tf.where(is_top, lower, tf.zeros_like(lower)), axis=-1)

@@ -7,8 +7,11 @@ writes ``serving/mnist/<version>/`` (the next free version unless --version is g
 a SavedModel whose signatures run the noisy sampling loop and the certificate inside
 the graph, with TF Serving warmup requests in ``assets.extra/``, and prints its
 signatures and path.  ``--serving_device=gpu`` sizes the sampling passes for a GPU
-server (``--pass_size`` sets them explicitly).  Serve it with TF Serving as described
-in the checkout's export/README.md.  Thin over :func:`tfcert.export.export_saved_model`.
+server (``--pass_size`` sets them explicitly); ``--first_checkpoint`` and
+``--checkpoint_growth`` set the looks of the early-stopping signatures
+(``certify_target``; as certify.py's flags of the same names).  Serve it with TF
+Serving as described in the checkout's export/README.md.  Thin over
+:func:`tfcert.export.export_saved_model`.
 """
 
 from __future__ import annotations
@@ -49,6 +52,11 @@ flags.DEFINE_enum("serving_device", "cpu", ["cpu", "gpu"],
 flags.DEFINE_integer("pass_size", None, "Noisy inputs per forward pass inside the graph "
                      "(bounds memory); overrides the automatic size of --serving_device.",
                      lower_bound=1)
+flags.DEFINE_integer("first_checkpoint", None, "certify_target signatures (early stopping): "
+                     "draws per image at the first look (default: "
+                     "tfcert.export.FIRST_CHECKPOINT = 200).", lower_bound=1)
+flags.DEFINE_float("checkpoint_growth", 2.0, "certify_target signatures: each look at this "
+                   "many times the previous look's draws (> 1), the last at --num_samples.")
 flags.DEFINE_string("base_dir", "serving", "TF Serving model base folder.")
 flags.DEFINE_string("name", "tfcert", "Model name (the folder under --base_dir and the name "
                     "in /v1/models/<name>).")
@@ -61,6 +69,7 @@ def run(argv: list[str]) -> None:
     cli.require(FLAGS.model is not None, "--model is required (a .keras file from train.py)")
     cli.require(FLAGS.sigma is not None and FLAGS.sigma > 0, "--sigma must be > 0")
     cli.require(0 < FLAGS.alpha < 1, "--alpha must be in (0, 1)")
+    cli.require(FLAGS.checkpoint_growth > 1, "--checkpoint_growth must be > 1")
     bound = FLAGS.bound or ("renyi" if FLAGS.defense == "gaussian" else "none")
     cli.require(FLAGS.defense == "gaussian" or bound == "none",
                 f"--bound={bound} is an ℓ2 radius of Gaussian noise; with --defense="
@@ -82,14 +91,16 @@ def run(argv: list[str]) -> None:
         config = export.export_saved_model(
             smoothed, path, FLAGS.num_samples, FLAGS.alpha, bound, FLAGS.pass_size,
             predict_num_samples=FLAGS.predict_num_samples, image_shape=image_shape,
-            serving_device=FLAGS.serving_device, model_name=FLAGS.name, metadata=metadata)
+            serving_device=FLAGS.serving_device, model_name=FLAGS.name, metadata=metadata,
+            first_checkpoint=FLAGS.first_checkpoint, checkpoint_growth=FLAGS.checkpoint_growth)
     except (ValueError, FileExistsError) as err:
         raise cli.CliError(str(err)) from err
     print(export.signature_summary(path))
     print(f"baked in: n={config.num_samples}, predict n={config.predict_num_samples}, "
           f"alpha={config.alpha}, bound={config.bound}, sigma={config.sigma}, "
           f"pass_size={config.pass_size} (serving_device={config.serving_device}), "
-          f"classes={config.num_classes}, images={list(config.image_shape)}")
+          f"classes={config.num_classes}, images={list(config.image_shape)}, "
+          f"certify_target looks={list(config.target_looks)}")
     print(f"warmup: {export.WARMUP_FILE}, one request per signature for model "
           f"'{config.model_name}'")
     print(f"SavedModel written to {path}")
