@@ -134,8 +134,12 @@ def test_patience_stops_on_validation_accuracy_under_noise_and_keeps_the_best_ep
         logged = [float(row["val_noisy_accuracy"]) for row in csv.DictReader(f)]
     assert metrics["epochs_trained"] == len(logged)
     assert metrics["best_epoch"] == int(np.argmax(logged)) + 1
-    # Stopped early: either --patience epochs without improvement, or all 40 ran.
-    assert len(logged) == 40 or len(logged) - metrics["best_epoch"] == 2
+    # The patience rule, whatever the machine's float rounding makes the curve: training
+    # went on while the best epoch so far (first strict maximum) was < 2 epochs back, and
+    # stopped as soon as it was 2 back (or at --epochs).
+    since_best = [e - int(np.argmax(logged[:e + 1])) for e in range(len(logged))]
+    assert all(gap < 2 for gap in since_best[:-1]), since_best
+    assert since_best[-1] == 2 or len(logged) == 40, since_best
     # The written model is the best epoch's: recompute its validation accuracy under the
     # same noise on the same held-out 20% of the training split.
     x, y = data.load_arrays("digits", "train")
