@@ -386,6 +386,18 @@ def test_seeded_runs_repeat():
     np.testing.assert_array_equal(first.radius, second.radius)
 
 
+def test_certify_with_early_stopping_is_certify_sequential():
+    model = linear_model(np.ones(16) / 4, -2.0)
+    sc = SmoothedClassifier(model, 2, GaussianNoise(0.5))
+    x = np.random.default_rng(7).random((6, *SHAPE)).astype(np.float32)
+    rule = EarlyStopping([0.1, 0.2, 0.3, 0.0, 0.5, 0.3], "checkpoints")
+    ours = sc.certify(x, 2000, 0.01, "cohen", early_stopping=rule, seed=3)
+    reference = certify_sequential(sc, x, 2000, rule, 0.01, "cohen", seed=3)
+    for field in ("prediction", "radius", "counts", "num_samples", "p1_lower", "p2_upper"):
+        np.testing.assert_array_equal(getattr(ours, field), getattr(reference, field))
+    assert np.any(ours.num_samples < 2000)  # it did stop early (fixed n: all 2000)
+
+
 def test_look_votes_are_a_fixed_run_truncated():
     """An image stopped after n draws has the votes of draws 0 … n − 1 of the fixed run."""
     model = linear_model(np.ones(16) / 4, -2.0)

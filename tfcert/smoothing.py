@@ -34,7 +34,7 @@ import contextlib
 import dataclasses
 import glob
 import os
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import keras
 import numpy as np
@@ -43,6 +43,9 @@ import tensorflow as tf
 from tfcert import bounds, stats
 from tfcert.layers.base import RandomizedLayer
 from tfcert.layers.noise import GaussianNoise
+
+if TYPE_CHECKING:  # tfcert.sequential imports this module
+    from tfcert.sequential import EarlyStopping
 
 RADII = {"renyi": bounds.renyi_radius, "cohen": bounds.cohen_radius,
          "pixeldp": bounds.pixeldp_radius}
@@ -415,7 +418,8 @@ class SmoothedClassifier:
     def certify(self, x, num_samples: int, alpha: float = 0.001,
                 bound: str | Sequence[str] = "renyi", statistics: str = "simultaneous",
                 num_selection_samples: int = 100, batch_size: int | None = None,
-                seed: int | Sequence[int] | None = None, indices=None) -> Certificate:
+                seed: int | Sequence[int] | None = None, indices=None,
+                early_stopping: EarlyStopping | None = None) -> Certificate:
         """Certified prediction and ℓ2 radius per image (STN Algorithm 1 + Theorem 2).
 
         Args:
@@ -429,9 +433,22 @@ class SmoothedClassifier:
             batch_size: noisy inputs per forward pass.
             seed, indices: as `sample_counts`; the selection draws are the `SELECTION`
                 stream of the same run key, independent of the estimation draws.
+            early_stopping: a `tfcert.sequential.EarlyStopping` rule (target radius per
+                image, or budget): each image is sampled only until it is decided,
+                ``num_samples`` being the most draws per image, and the certificate's
+                ``num_samples`` the draws spent (`tfcert.sequential.certify_sequential`).
 
-        For early stopping at a target radius see `tfcert.sequential.certify_sequential`.
+        Example:
+
+        >>> rule = tfcert.sequential.EarlyStopping(target_radius=0.5)
+        >>> cert = sc.certify(x, 10_000, early_stopping=rule, seed=0)
         """
+        if early_stopping is not None:
+            from tfcert.sequential import certify_sequential  # it imports this module
+
+            return certify_sequential(self, x, num_samples, early_stopping, alpha, bound,
+                                      statistics, num_selection_samples, batch_size, seed,
+                                      indices)
         bound_names(bound)
         if statistics not in STATISTICS:
             raise ValueError(f"unknown statistics {statistics!r}; choose from {STATISTICS}")
