@@ -24,7 +24,7 @@ from scipy import stats as sps
 
 from test_smoothing import SHAPE, linear_problem  # noqa: F401 (fixture)
 
-from tfcert import bench, bounds, cli, export, models, stats
+from tfcert import bounds, cli, export, models, stats
 from tfcert.layers import GaussianNoise
 from tfcert.layers.discretization import RandomizedDiscretization
 from tfcert.sequential import EarlyStopping, certify_sequential
@@ -171,7 +171,7 @@ class Trained(NamedTuple):
 def trained(tmp_path_factory, digits) -> Trained:
     """small_cnn trained briefly on noisy digits (σ = 0.25), saved as .keras; 64 test images."""
     x_test = digits[2]
-    model = bench.digits_model(SIGMA)
+    model = models.trained_small_cnn(SIGMA)
     folder = tmp_path_factory.mktemp("model")
     model.save(folder / "model.keras")
     np.save(folder / "images.npy", x_test[:64])

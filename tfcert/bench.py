@@ -415,14 +415,14 @@ def export_target_latency() -> dict:
     import numpy as np
     import tensorflow as tf
 
-    from tfcert import data, export
+    from tfcert import data, export, models
     from tfcert.layers import GaussianNoise
     from tfcert.smoothing import SmoothedClassifier
 
     sigma, target = FLAGS.target_export_sigma, FLAGS.target_export_radius
     n, count = FLAGS.target_export_samples, FLAGS.target_export_images
     model = (cli.load_model(FLAGS.target_export_model) if FLAGS.target_export_model
-             else digits_model(sigma))
+             else models.trained_small_cnn(sigma))
     x, y = (v[:count] for v in data.load_arrays("digits", "test"))
     smoothed = SmoothedClassifier(model, 10, GaussianNoise(sigma))
     requests, looks = {}, {}
@@ -495,26 +495,6 @@ def _target_row(seconds: list, answers: list, labels, target: float, n: int) -> 
             "mean_samples": float(draws.mean()), "median_samples": float(np.median(draws)),
             "images_at_max": int(np.sum(draws >= n)),
             "certified_accuracy": float(certified.mean())}
-
-
-def digits_model(sigma: float):
-    """small_cnn trained for 6 epochs on digits (train split twice, seed 0) with Gaussian
-    noise of std ``sigma``: section [8]'s model and the `trained` model of
-    tests/test_export.py."""
-    import keras
-    import numpy as np
-
-    from tfcert import data, models
-
-    x, y = data.load_arrays("digits", "train")
-    keras.utils.set_random_seed(0)
-    noisy = np.concatenate([x, x])
-    noisy = noisy + np.random.default_rng(0).normal(0, sigma, noisy.shape).astype(np.float32)
-    model = models.small_cnn()
-    model.compile(keras.optimizers.Adam(3e-3),
-                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    model.fit(noisy, np.concatenate([y, y]), epochs=6, batch_size=128, verbose=0)
-    return model
 
 
 def certification(model) -> dict:

@@ -7,7 +7,8 @@
   MaxPooling" and nothing more is published; we use the VGG-style stack
   2x Conv(64) - pool - 2x Conv(128) - pool - 3x Conv(256) - pool, 3x3 'same' convs
   with ReLU, then Dense 256-ReLU, Dropout 0.5, Dense k.
-- ``small_cnn``: a tiny CNN for 8x8 ``digits`` and fast tests.
+- ``small_cnn``: a tiny CNN for 8x8 ``digits`` and fast tests (``trained_small_cnn``:
+  trained in seconds under Gaussian noise).
 - ``app:<Name>``: any ``keras.applications`` model (e.g. ``app:ResNet50``) with its own
   ``preprocess_input`` inside the model, so it too takes [0, 1] images; ImageNet
   weights with ``weights="imagenet"`` (needs the weights file in the Keras cache).
@@ -61,6 +62,30 @@ def small_cnn(input_shape=(8, 8, 1), num_classes: int = 10) -> keras.Model:
         layers.Dense(64, activation="relu"),
         layers.Dense(num_classes, dtype="float32"),
     ], name="small_cnn")
+
+
+def trained_small_cnn(sigma: float) -> keras.Model:
+    """`small_cnn` trained for 6 epochs (seconds on a CPU) on sklearn digits, the train
+    split twice, each copy under Gaussian noise of std ``sigma`` (seed 0): the model of
+    the export benchmark (`tfcert.bench`, section 8) and of tests/test_export.py.
+
+    Example:
+
+    >>> model = tfcert.models.trained_small_cnn(0.25)   # logits for 8x8x1 digits
+    """
+    import numpy as np
+
+    from tfcert import data
+
+    x, y = data.load_arrays("digits", "train")
+    keras.utils.set_random_seed(0)
+    noisy = np.concatenate([x, x])
+    noisy = noisy + np.random.default_rng(0).normal(0, sigma, noisy.shape).astype(np.float32)
+    model = small_cnn()
+    model.compile(keras.optimizers.Adam(3e-3),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(noisy, np.concatenate([y, y]), epochs=6, batch_size=128, verbose=0)
+    return model
 
 
 def keras_application(name: str, input_shape, num_classes: int,
