@@ -4,6 +4,9 @@
 #
 #   bash scripts/compare_objectives.sh SIGMA [NUM_EXAMPLES] [NUM_SAMPLES] [METHODS...]
 #
+# MAX_RADIUS (default 1.0) and GRID_POINTS (default 5) set the radii of the table, e.g.
+#   MAX_RADIUS=2.8 GRID_POINTS=15 bash scripts/compare_objectives.sh 0.7 100 10000 stn_paper
+#
 # Budget rule (the same for every objective): 10% of the training split held out, at most
 # 15 epochs, stop after 3 epochs without a better validation accuracy under one fixed draw
 # of N(0, σ²) noise, keep the best epoch.  Resumable: a finished model or certificate is
@@ -22,6 +25,8 @@ METHODS=("$@")
 [ ${#METHODS[@]} -gt 0 ] || METHODS=(standard gaussian stn_paper stn_stop_gradient stn_code
                                      consistency macer smoothadv)
 OUT=runs/compare/sigma$SIGMA
+MAX_RADIUS=${MAX_RADIUS:-1.0}
+GRID_POINTS=${GRID_POINTS:-5}
 
 method_flags() {
   case "$1" in
@@ -44,9 +49,10 @@ for name in "${METHODS[@]}"; do
   fi
   "$PY" certify.py --model="$OUT/$name/train/model.keras" --dataset=mnist_subset \
     --sigma="$SIGMA" --num_examples="$NUM_EXAMPLES" --num_samples="$NUM_SAMPLES" --alpha=0.001 \
-    --bounds=renyi,cohen --max_radius=1.0 --grid_points=5 --output_dir="$OUT/$name/certify"
+    --bounds=renyi,cohen --max_radius="$MAX_RADIUS" --grid_points="$GRID_POINTS" \
+    --output_dir="$OUT/$name/certify"
   TSVS+=("$OUT/$name/certify/certify.tsv")
 done
 mkdir -p "$OUT/table"
-"$PY" certify.py --analyze="$(IFS=,; echo "${TSVS[*]}")" --max_radius=1.0 --grid_points=5 \
-  --output_dir="$OUT/table" | tee "$OUT/table/table.txt"
+"$PY" certify.py --analyze="$(IFS=,; echo "${TSVS[*]}")" --max_radius="$MAX_RADIUS" \
+  --grid_points="$GRID_POINTS" --output_dir="$OUT/table" | tee "$OUT/table/table.txt"
