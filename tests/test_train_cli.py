@@ -166,3 +166,12 @@ def test_mirrored_mixed_precision_training_saves_a_float32_model(tmp_path):
     assert {layer.dtype_policy.name for layer in model.layers} == {"float32"}
     # It learned in 16 bits: digits' chance level is 0.1 (3 epochs of float32 STN reach ~0.9).
     assert json.loads((out / "metrics.json").read_text())["clean_accuracy"] > 0.5
+
+
+def test_a_backup_that_cannot_be_restored_is_a_one_line_error(tmp_path):
+    backup = tmp_path / "run" / "backup"
+    backup.mkdir(parents=True)
+    (backup / "latest.weights.h5").write_bytes(b"not an HDF5 file")
+    result = run_script("--dataset=digits", "--epochs=1", f"--output_dir={tmp_path / 'run'}")
+    assert "delete that directory" in _one_error_line(result)
+    assert not (tmp_path / "run" / "model.keras").exists()

@@ -1,5 +1,7 @@
 """StabilityModel / GaussianAugmentationModel: the objective, its gradient, and Keras integration."""
 
+import types
+
 import keras
 import numpy as np
 import pytest
@@ -249,3 +251,82 @@ def test_two_replicas_draw_different_noise_and_train_like_one_device():
         one, two = np.array(out["one"][key]), np.array(out["two"][key])
         se = np.sqrt(one.var(ddof=1) / len(one) + two.var(ddof=1) / len(two))
         assert abs(one.mean() - two.mean()) < 4 * se, (key, one.mean(), two.mean(), se)
+
+
+def _stop_epoch(callback: keras.callbacks.EarlyStopping, curve: np.ndarray, start: int = 0):
+    """The epoch at which ``callback`` stops a run of the monitored ``curve`` resumed at
+    ``start`` (None: it never stops), driven as ``fit`` drives it."""
+    model = types.SimpleNamespace(stop_training=False)
+    callback.set_model(model)
+    callback.on_train_begin()
+    for epoch in range(start, len(curve)):
+        callback.on_epoch_begin(epoch)
+        callback.on_epoch_end(epoch, {"val_acc": float(curve[epoch])})
+        if model.stop_training:
+            return epoch
+    return None
+
+
+@pytest.mark.parametrize("patience", [1, 2, 3])
+def test_resumed_early_stopping_stops_where_an_uninterrupted_run_stops(patience):
+    rng = np.random.default_rng(patience)
+    for _ in range(50):
+        # Validation curves with plateaus and ties (values on a grid of 0.01).
+        curve = np.round(np.cumsum(rng.normal(0.0, 0.03, 15)) + 0.5, 2)
+        flags = dict(monitor="val_acc", mode="max", patience=patience)
+        uninterrupted = _stop_epoch(keras.callbacks.EarlyStopping(**flags), curve)
+        last = len(curve) - 1 if uninterrupted is None else uninterrupted
+        for start in range(1, last + 1):
+            resumed = training.ResumableEarlyStopping(lambda epoch: curve[:epoch], **flags)
+            assert _stop_epoch(resumed, curve, start) == uninterrupted, (curve, start)
+
+
+def test_resumed_early_stopping_refuses_to_restore_best_weights():
+    with pytest.raises(ValueError, match="ModelCheckpoint"):
+        training.ResumableEarlyStopping(lambda epoch: [], restore_best_weights=True)
+
+
+class _Interrupt(keras.callbacks.Callback):
+    """Stops ``fit`` at the start of epoch ``at``, as a kill between two epochs would."""
+
+    def __init__(self, at):
+        super().__init__()
+        self.at = at
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == self.at:
+            raise KeyboardInterrupt
+
+
+def _fit_with_backup(backup_dir, epochs=4, interrupt_at=None):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile(keras.optimizers.Adam(0.01), LOSS)
+    x, y = np.ones((8, 3), np.float32), np.zeros(8, np.int64)
+    callbacks = [training.SafeBackupAndRestore(str(backup_dir))]
+    if interrupt_at is not None:
+        callbacks.append(_Interrupt(interrupt_at))
+    return model.fit(x, y, epochs=epochs, callbacks=callbacks, verbose=0)
+
+
+def _tear(path):
+    """What a kill in the middle of writing leaves: the first bytes of the file."""
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 10])
+
+
+def test_backup_torn_by_a_kill_falls_back_to_the_epoch_before(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        _fit_with_backup(tmp_path, interrupt_at=3)   # epochs 0-2 done and backed up
+    _tear(tmp_path / "latest.weights.h5")            # epoch 2's backup torn
+    history = _fit_with_backup(tmp_path)
+    assert len(history.history["loss"]) == 2         # epochs 2 and 3: resumed after epoch 1
+
+
+def test_backup_that_cannot_be_restored_names_the_directory_to_delete(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        _fit_with_backup(tmp_path, interrupt_at=3)
+    for name in ("latest.weights.h5", "latest.weights.h5.bkp"):
+        _tear(tmp_path / name)
+    with pytest.raises(training.BackupError, match=f"{tmp_path}.*delete that directory"):
+        _fit_with_backup(tmp_path)

@@ -523,6 +523,74 @@ class MACERModel(_MultiNoiseTrainingModel):
         return {**super().get_config(), "lbd": self.lbd, "gamma": self.gamma, "beta": self.beta}
 
 
+class BackupError(RuntimeError):
+    """A `SafeBackupAndRestore` backup that cannot be restored (its message says what to do)."""
+
+
+class SafeBackupAndRestore(keras.callbacks.BackupAndRestore):
+    """`keras.callbacks.BackupAndRestore` that survives a kill while it writes.
+
+    It keeps the previous epoch's backup as well (Keras's ``double_checkpoint``): a
+    backup torn by a kill in the middle of writing falls back to the one before, and the
+    run resumes one epoch earlier.  A backup that neither copy can restore (both torn, or
+    written by another model) raises `BackupError`, which names the directory to delete.
+
+    Args:
+        backup_dir: directory of the backup, used by nothing else.
+    """
+
+    def __init__(self, backup_dir: str):
+        super().__init__(backup_dir, double_checkpoint=True)
+
+    def on_train_begin(self, logs=None):
+        try:
+            super().on_train_begin(logs)
+        except (OSError, ValueError) as err:
+            raise BackupError(f"cannot resume from the backup in {self.backup_dir} "
+                              f"({' '.join(str(err).split())}): delete that directory to "
+                              f"start the run over") from err
+
+
+class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
+    """`keras.callbacks.EarlyStopping` that carries on the count of an interrupted run.
+
+    When ``fit`` resumes an interrupted run (`keras.callbacks.BackupAndRestore`), Keras's
+    callback starts afresh: it forgets the best value so far and how many epochs ago it
+    came, so the resumed run may train up to ``patience`` epochs longer than an
+    uninterrupted one.  This one replays the monitored values of the epochs already done
+    through `EarlyStopping`'s own rule at the first epoch of ``fit``, so it stops at the
+    epoch an uninterrupted run stops at.
+
+    Args:
+        logged: ``logged(epoch)`` returns the monitored values of epochs 0 … epoch − 1
+            (e.g. read from the run's `keras.callbacks.CSVLogger` file).
+        **kwargs: those of `keras.callbacks.EarlyStopping`, except
+            ``restore_best_weights`` (the weights of logged epochs are gone; keep the
+            best ones with `keras.callbacks.ModelCheckpoint`).
+
+    >>> stop = ResumableEarlyStopping(lambda epoch: logged_values[:epoch],
+    ...                               monitor="val_accuracy", mode="max", patience=3)
+    """
+
+    def __init__(self, logged, **kwargs):
+        if kwargs.get("restore_best_weights"):
+            raise ValueError("ResumableEarlyStopping cannot restore the best weights of "
+                             "epochs run before the interruption: use ModelCheckpoint")
+        super().__init__(**kwargs)
+        self.logged = logged
+        self._replayed = False
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        self._replayed = False
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if not self._replayed:
+            self._replayed = True
+            for done, value in enumerate(self.logged(epoch)):
+                self.on_epoch_end(done, {self.monitor: float(value)})
+
+
 class _EpsilonWarmup(keras.callbacks.Callback):
     """Sets a `SmoothAdvModel`'s attack radius for each epoch before the epoch starts."""
 

@@ -28,8 +28,11 @@ weights, and ``model.keras`` is saved as its float32 clone (`tfcert.training`):
 
     tfcert-train --method=stn --sigma=0.5 --strategy=mirrored --mixed_precision=mixed_float16
 
-An interrupted run resumes from its last finished epoch (``backup/``); a new run in the
-same --output_dir replaces the old log.  Flags, data and model are checked
+An interrupted run resumes from its last finished epoch (``backup/``; the one before if
+the kill tore the last backup, `tfcert.training.SafeBackupAndRestore`), with --patience
+counting on from the epochs already logged (`tfcert.training.ResumableEarlyStopping`); the
+epochs after the resumption see the data in another order than an uninterrupted run would.
+A new run in the same --output_dir replaces the old log.  Flags, data and model are checked
 before anything is written: a model that cannot be built for the data is a one-line
 ``error:`` and leaves no output folder.
 """
@@ -161,15 +164,19 @@ def run(argv: list[str]) -> None:
                 os.remove(stale)
     callbacks = [
         noisy_validation_accuracy(base, val_ds, FLAGS.sigma, FLAGS.seed),
-        *model_selection(best_path, best_logged(log_path)),
+        *model_selection(log_path, best_path),
         keras.callbacks.CSVLogger(log_path, append=True),
-        keras.callbacks.BackupAndRestore(backup_dir),
+        training.SafeBackupAndRestore(backup_dir),
         keras.callbacks.TerminateOnNaN(),
     ]
     verbose = "auto" if FLAGS.verbose == "auto" else int(FLAGS.verbose)
-    history = model.fit(data.batched(train_ds, FLAGS.batch_size, shuffle=True, seed=FLAGS.seed),
-                        validation_data=data.batched(val_ds, 512), epochs=FLAGS.epochs,
-                        callbacks=callbacks, verbose=verbose, shuffle=False)
+    try:
+        history = model.fit(data.batched(train_ds, FLAGS.batch_size, shuffle=True,
+                                         seed=FLAGS.seed),
+                            validation_data=data.batched(val_ds, 512), epochs=FLAGS.epochs,
+                            callbacks=callbacks, verbose=verbose, shuffle=False)
+    except training.BackupError as err:
+        raise cli.CliError(str(err)) from err
     losses = history.history.get("loss", [])
     cli.require(bool(losses) and bool(np.all(np.isfinite(losses))),
                 "training diverged (NaN/Inf loss): lower --learning_rate or --gamma; "
@@ -267,41 +274,46 @@ def noisy_validation_accuracy(base, val_ds, sigma: float, seed: int) -> "keras.c
     return keras.callbacks.LambdaCallback(on_epoch_end=on_epoch_end)
 
 
-def model_selection(best_path: str, best_so_far: float | None) -> list["keras.callbacks.Callback"]:
+def model_selection(log_path: str, best_path: str) -> list["keras.callbacks.Callback"]:
     """With --patience: keep the weights of the epoch with the best val_noisy_accuracy in
     ``best_path`` and stop after --patience epochs without improvement.  A resumed run
-    starts from the best value already logged, so it keeps an earlier best epoch (and may
-    train up to --patience epochs more than an uninterrupted run)."""
+    carries on from the epochs already in ``log_path``: it keeps an earlier best epoch
+    and stops where an uninterrupted run would (`tfcert.training.ResumableEarlyStopping`)."""
     import keras
+
+    from tfcert import training
 
     if not FLAGS.patience:
         return []
     return [keras.callbacks.ModelCheckpoint(
                 best_path, monitor="val_noisy_accuracy", mode="max", save_best_only=True,
-                save_weights_only=True, initial_value_threshold=best_so_far),
-            keras.callbacks.EarlyStopping(
-                monitor="val_noisy_accuracy", mode="max", patience=FLAGS.patience,
-                baseline=best_so_far)]
+                save_weights_only=True, initial_value_threshold=best_logged(log_path)),
+            training.ResumableEarlyStopping(
+                lambda epoch: logged_noisy_accuracy(log_path)[:epoch],
+                monitor="val_noisy_accuracy", mode="max", patience=FLAGS.patience)]
 
 
-def _logged_noisy_accuracy(log_path: str) -> list[float]:
+def logged_noisy_accuracy(log_path: str) -> list[float]:
+    """val_noisy_accuracy of each epoch in the run's log, epoch 0 first (an epoch logged
+    twice, the run having been interrupted before its backup, counts once: the last)."""
     if not os.path.exists(log_path):
         return []
     with open(log_path, newline="") as f:
-        return [float(row["val_noisy_accuracy"]) for row in csv.DictReader(f)
-                if row.get("val_noisy_accuracy")]
+        by_epoch = {int(row["epoch"]): float(row["val_noisy_accuracy"])
+                    for row in csv.DictReader(f) if row.get("val_noisy_accuracy")}
+    return [by_epoch[epoch] for epoch in sorted(by_epoch)]
 
 
 def best_logged(log_path: str) -> float | None:
     """The best val_noisy_accuracy of the epochs an interrupted run already logged."""
-    values = _logged_noisy_accuracy(log_path)
+    values = logged_noisy_accuracy(log_path)
     return max(values) if values else None
 
 
 def epochs_trained(log_path: str) -> dict[str, int]:
     """How many epochs ran and which one (1-based) had the best val_noisy_accuracy (the
     weights written with --patience)."""
-    values = _logged_noisy_accuracy(log_path)
+    values = logged_noisy_accuracy(log_path)
     best = int(np.argmax(values)) + 1 if FLAGS.patience else len(values)
     return {"epochs_trained": len(values), "best_epoch": best}
 
