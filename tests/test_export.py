@@ -436,21 +436,25 @@ def test_prediction_log_encoding_parses_as_the_tensorflow_serving_protos():
 
 
 def test_serving_device_chooses_the_automatic_pass_size(monkeypatch):
-    """cpu: the classifier's rule (this machine's cache); gpu: GPU_PASS_MEMORY over the
-    activation bytes, whatever this machine has; an explicit batch_size wins."""
+    """cpu: this machine's CPU cache over the activation bytes, gpu: GPU_PASS_MEMORY,
+    whatever this machine has (a GPU or not); an explicit batch_size wins."""
     from tfcert import smoothing
 
     model, shape = models.stn_mnist(), (28, 28, 1)
     per_input = activation_bytes(model, shape)  # ≈ 0.29 MB: GPU size ≈ 900 < MAX_PASS_SIZE
     gpu = GPU_PASS_MEMORY // per_input
     assert 1 < gpu < MAX_PASS_SIZE
-    smoothed = SmoothedClassifier(model, 10, GaussianNoise(SIGMA))
-    assert export.serving_pass_size(smoothed, shape) == smoothed.pass_size(shape)
-    assert export.serving_pass_size(smoothed, shape, "gpu") == gpu
-    monkeypatch.setattr(smoothing, "pass_memory", lambda: 4 * per_input)  # a tiny CPU cache
-    small_cache = SmoothedClassifier(model, 10, GaussianNoise(SIGMA))
-    assert export.serving_pass_size(small_cache, shape, "cpu") == 4
-    assert export.serving_pass_size(small_cache, shape, "gpu") == gpu
+    monkeypatch.setattr(smoothing, "_cache_sizes", lambda: [4 * per_input])  # a tiny cache
+    monkeypatch.setattr(smoothing, "_free_memory_bytes", lambda: 2 ** 40)  # no memory cap
+    for has_gpu in (False, True):  # the exporting machine's devices do not matter
+        monkeypatch.setattr(smoothing.tf.config, "list_physical_devices",
+                            lambda kind=None, gpus=["GPU:0"] * has_gpu: gpus)
+        smoothed = SmoothedClassifier(model, 10, GaussianNoise(SIGMA))
+        assert export.serving_pass_size(smoothed, shape) == 4
+        assert export.serving_pass_size(smoothed, shape, "cpu") == 4
+        assert export.serving_pass_size(smoothed, shape, "gpu") == gpu
+        # while certifying here the classifier uses this machine's device budget
+        assert smoothed.pass_size(shape) == (gpu if has_gpu else 4)
     fixed = SmoothedClassifier(model, 10, GaussianNoise(SIGMA), batch_size=48)
     assert export.serving_pass_size(fixed, shape, "gpu") == 48
     with pytest.raises(ValueError, match="serving_device"):

@@ -116,6 +116,19 @@ def test_pass_memory_is_the_cpu_cache_without_gpus(monkeypatch):
     monkeypatch.setattr(smoothing, "_cache_sizes", lambda: [])
     assert smoothing.pass_memory() == min(smoothing.CPU_CACHE_DEFAULT,
                                           smoothing._free_memory_bytes() // 8)
+    assert smoothing.pass_memory("cpu") == smoothing.CPU_CACHE_DEFAULT
+    assert smoothing.pass_memory("gpu") == smoothing.GPU_PASS_MEMORY
+    with pytest.raises(ValueError, match="device"):
+        smoothing.pass_memory("tpu")
+
+
+def test_pass_memory_is_the_gpu_budget_with_a_gpu(monkeypatch):
+    monkeypatch.setattr(smoothing.tf.config, "list_physical_devices",
+                        lambda kind=None: ["GPU:0"])
+    assert smoothing.pass_memory() == min(smoothing.GPU_PASS_MEMORY,
+                                          smoothing._free_memory_bytes() // 8)
+    assert smoothing.pass_memory("cpu") == max(smoothing._cache_sizes(),
+                                               default=smoothing.CPU_CACHE_DEFAULT)
 
 
 def test_activation_bytes_and_the_automatic_pass_size():

@@ -99,14 +99,14 @@ from tensorflow.core.protobuf import meta_graph_pb2
 import tfcert
 from tfcert import stats
 from tfcert.sequential import EarlyStopping
-from tfcert.smoothing import (ABSTAIN, ESTIMATION, GPU_PASS_MEMORY, MAX_PASS_SIZE, RADII,
-                              SmoothedClassifier, activation_bytes, draw_keys)
+from tfcert.smoothing import (ABSTAIN, ESTIMATION, PASS_DEVICES, RADII, SmoothedClassifier,
+                              draw_keys)
 
 BOUNDS = (*RADII, "none")
 CONFIG_ASSET = "tfcert_config.json"
 SIGNATURES = ("serving_default", "certify_seeded", "predict", "predict_seeded",
               "certify_target", "certify_target_seeded")
-SERVING_DEVICES = ("cpu", "gpu")
+SERVING_DEVICES = PASS_DEVICES
 # TF Serving's SavedModel warmup file (read at load when --enable_model_warmup, the default).
 WARMUP_FILE = "assets.extra/tf_serving_warmup_requests"
 WARMUP_PIXEL = 0.5  # every pixel of a warmup image (inside [0, 1], so the request is valid)
@@ -293,19 +293,15 @@ def serving_pass_size(smoothed: SmoothedClassifier, image_shape: Sequence[int],
                       serving_device: str = "cpu") -> int:
     """The automatic pass size (noisy inputs per forward pass) for a server on this device.
 
-    An explicit ``batch_size`` of the classifier wins.  Otherwise, ``cpu``: the
-    classifier's own rule, `SmoothedClassifier.pass_size` (the exporting machine's
-    last-level CPU cache over the model's activation bytes per input: serve on a CPU like
-    the exporting one; on an exporting machine with a GPU that rule takes the GPU budget,
-    so pass an explicit size there); ``gpu``: ``GPU_PASS_MEMORY`` (256 MiB) over
-    `tfcert.smoothing.activation_bytes` of one input, whatever the exporting machine
-    has.  Both are clipped to [1, ``MAX_PASS_SIZE``].
+    An explicit ``batch_size`` of the classifier wins.  Otherwise
+    `SmoothedClassifier.pass_size` with the budget of ``serving_device``, whatever the
+    exporting machine has (`tfcert.smoothing.pass_memory`): ``cpu``, the exporting
+    machine's last-level CPU cache (serve on a CPU like it); ``gpu``,
+    ``GPU_PASS_MEMORY`` (256 MiB); over `tfcert.smoothing.activation_bytes` of one
+    input, clipped to [1, ``MAX_PASS_SIZE``].
     """
     _check_serving_device(serving_device)
-    if serving_device == "cpu" or smoothed.batch_size:
-        return smoothed.pass_size(image_shape)
-    per_input = activation_bytes(smoothed.inference_model, tuple(int(d) for d in image_shape))
-    return int(np.clip(GPU_PASS_MEMORY // per_input, 1, MAX_PASS_SIZE))
+    return smoothed.pass_size(image_shape, serving_device)
 
 
 def write_warmup_requests(path: str, model_name: str) -> None:

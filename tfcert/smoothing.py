@@ -64,6 +64,7 @@ MAX_NOISE_BLOCK = 64
 # ~0.5 ms, is < 1% from ~32 inputs on); on GPU a larger budget keeps the device busy.
 CPU_CACHE_DEFAULT = 32 * 2 ** 20  # where sysfs does not tell the cache size
 GPU_PASS_MEMORY = 256 * 2 ** 20
+PASS_DEVICES = ("cpu", "gpu")
 MAX_PASS_SIZE = 4096
 # CPU feature flags (/proc/cpuinfo) of native bfloat16 arithmetic: x86 AVX-512 BF16 and
 # AMX, Arm BF16.
@@ -276,7 +277,7 @@ class SmoothedClassifier:
                     "or one keras.models.clone_model can clone into it")
             else:
                 self.inference_model = base_model
-        self._pass_sizes: dict[tuple[int, ...], int] = {}
+        self._pass_sizes: dict[tuple[tuple[int, ...], str | None], int] = {}
         self._count_fn = tf.function(
             self.count_votes if strategy is None else self._count_votes_on_replicas,
             reduce_retracing=True)
@@ -293,20 +294,22 @@ class SmoothedClassifier:
         return float(np.float32(self.noise.stddev))
 
     # ----------------------------------------------------------------- sampling
-    def pass_size(self, image_shape: Sequence[int]) -> int:
+    def pass_size(self, image_shape: Sequence[int], device: str | None = None) -> int:
         """Noisy inputs per forward pass: ``batch_size``, else from the model's memory.
 
-        The automatic size is `pass_memory` over `activation_bytes` of one input,
-        between 1 and ``MAX_PASS_SIZE``; with a 32 MiB cache: 113 for the STN MNIST
-        CNN, 64 for the CIFAR CNN, 3 for ResNet50.
+        The automatic size is `pass_memory` (of ``device``: ``None`` for this machine,
+        ``"cpu"`` or ``"gpu"`` for a server elsewhere) over `activation_bytes` of one
+        input, between 1 and ``MAX_PASS_SIZE``; with a 32 MiB cache: 113 for the STN
+        MNIST CNN, 64 for the CIFAR CNN, 3 for ResNet50.
         """
         if self.batch_size:
             return int(self.batch_size)
-        shape = tuple(int(d) for d in image_shape)
-        if shape not in self._pass_sizes:
-            per_input = activation_bytes(self.inference_model, shape)
-            self._pass_sizes[shape] = int(np.clip(pass_memory() // per_input, 1, MAX_PASS_SIZE))
-        return self._pass_sizes[shape]
+        key = (tuple(int(d) for d in image_shape), device)
+        if key not in self._pass_sizes:
+            per_input = activation_bytes(self.inference_model, key[0])
+            self._pass_sizes[key] = int(np.clip(pass_memory(device) // per_input, 1,
+                                                MAX_PASS_SIZE))
+        return self._pass_sizes[key]
 
     def count_votes(self, x: tf.Tensor, keys: tf.Tensor, num_samples: tf.Tensor,
                     pass_size: tf.Tensor, first_draw: tf.Tensor | int = 0,
@@ -519,18 +522,27 @@ def activation_bytes(model: keras.Model, image_shape: Sequence[int]) -> int:
     return int(max(live.max(), int(np.prod(image_shape)) * 4))
 
 
-def pass_memory() -> int:
+def pass_memory(device: str | None = None) -> int:
     """Bytes of live activations one automatic pass may use.
 
-    ``GPU_PASS_MEMORY`` (256 MiB) with a GPU; on CPU the size of the largest CPU cache
+    ``GPU_PASS_MEMORY`` (256 MiB) on a GPU; on a CPU the size of the largest CPU cache
     (the last level, from /sys/devices/system/cpu/cpu0/cache; ``CPU_CACHE_DEFAULT`` =
-    32 MiB where unknown).  Never more than 1/8 of the free memory.
+    32 MiB where unknown).
+
+    Args:
+        device: ``None``: this machine's (a GPU's if it has one), never more than 1/8
+            of its free memory; ``"cpu"`` or ``"gpu"``: that device's budget, for a
+            model that will run elsewhere (an export for a server), the CPU's read on
+            this machine.
     """
-    if tf.config.list_physical_devices("GPU"):
-        budget = GPU_PASS_MEMORY
-    else:
-        budget = max(_cache_sizes(), default=CPU_CACHE_DEFAULT)
-    return int(min(budget, _free_memory_bytes() // 8))
+    if device is None:
+        local = "gpu" if tf.config.list_physical_devices("GPU") else "cpu"
+        return int(min(pass_memory(local), _free_memory_bytes() // 8))
+    if device not in PASS_DEVICES:
+        raise ValueError(f"device must be one of {PASS_DEVICES} or None, got {device!r}")
+    if device == "gpu":
+        return GPU_PASS_MEMORY
+    return max(_cache_sizes(), default=CPU_CACHE_DEFAULT)
 
 
 def _cache_sizes() -> list[int]:
