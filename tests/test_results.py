@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from tfcert import results
@@ -81,3 +82,20 @@ def test_cells_cannot_break_the_format(tmp_path):
     table = results.ResultTable(str(tmp_path / "r.tsv"), ["index"], "index")
     with pytest.raises(ValueError, match="tabs or newlines"):
         table.append([{"index": "a\tb"}])
+
+
+def test_compared_runs_get_one_colour_per_run_and_one_dash_per_bound(tmp_path):
+    from tfcert.analysis import plot_curves
+    from tfcert.certification import run_styles
+
+    labels = [f"run{i}" for i in range(11)]  # more runs than tab10 has colours
+    bounds = {label: ["renyi", "cohen"] for label in labels}
+    styles = run_styles([(label, []) for label in labels], bounds)
+    assert styles["run0 renyi"]["color"] == styles["run0 cohen"]["color"]
+    assert len({styles[f"{label} renyi"]["color"] for label in labels}) == len(labels)
+    assert {styles[f"{label} renyi"]["linestyle"] for label in labels} == {"-"}
+    assert {styles[f"{label} cohen"]["linestyle"] for label in labels} == {"--"}
+    grid = np.linspace(0.0, 1.0, 50)
+    path = tmp_path / "compare.png"
+    plot_curves(grid, {name: 1.0 - grid for name in styles}, str(path), styles=styles)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -52,22 +52,31 @@ def format_table(grid: Sequence[float], curves: Mapping[str, np.ndarray],
 
 def plot_curves(grid: Sequence[float], curves: Mapping[str, np.ndarray], path: str,
                 xlabel: str = "ℓ2 radius", ylabel: str = "certified accuracy",
-                title: str | None = None) -> None:
-    """Writes a PNG with one line per curve (accuracy in [0, 1] against ``grid``)."""
+                title: str | None = None,
+                styles: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+    """Writes a PNG with one line per curve (accuracy in [0, 1] against ``grid``).
+
+    ``styles`` maps a curve's name to keyword arguments of its line (e.g. ``color``,
+    ``linestyle``).  More than four curves put the legend beside the axes.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    beside = len(curves) > 4
+    fig, ax = plt.subplots(figsize=(9.5 if beside else 6, 4), dpi=120)
     marker = "o" if len(grid) <= 20 else None  # a sparse grid (an ε sweep) shows its points
     for name, values in curves.items():
-        ax.plot(grid, values, label=name, marker=marker)
+        ax.plot(grid, values, label=name, marker=marker, **(styles or {}).get(name, {}))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if beside:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+    else:
+        ax.legend()
     if title:
         ax.set_title(title)
     fig.tight_layout()

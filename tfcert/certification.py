@@ -463,8 +463,19 @@ def _analyze_l2(runs, o) -> None:
     print(format_table(table_grid, all_curves(table_grid), acr=acr))
     path = os.path.join(o.output_dir, "certified_accuracy_compare.png")
     plot_grid = radius_grid(max_radius, 200)
-    plot_atomic(plot_grid, all_curves(plot_grid), path)
+    plot_atomic(plot_grid, all_curves(plot_grid), path, styles=run_styles(runs, bounds))
     print(f"wrote {path}")
+
+
+def run_styles(runs, bounds: dict[str, list[str]]) -> dict[str, dict]:
+    """Line styles of the compared curves: one colour per run, one dash pattern per bound."""
+    import matplotlib
+
+    colours = matplotlib.colormaps["tab10" if len(runs) <= 10 else "tab20"].colors
+    dashes = {"renyi": "-", "cohen": "--", "pixeldp": ":"}
+    return {f"{label} {b}": {"color": colours[i % len(colours)],
+                             "linestyle": dashes.get(b, "-")}
+            for i, (label, _) in enumerate(runs) for b in bounds[label]}
 
 
 def _analyze_kl(runs, o) -> None:
