@@ -6,13 +6,15 @@
 #
 # MAX_RADIUS (default 1.0) and GRID_POINTS (default 5) set the radii of the table, e.g.
 #   MAX_RADIUS=2.8 GRID_POINTS=15 bash scripts/compare_objectives.sh 0.7 100 10000 stn_paper
+# DATASET (default mnist_subset) trains and certifies on another dataset, e.g.
+#   DATASET=fashion_mnist bash scripts/compare_objectives.sh 0.5 200 2000 stn_paper
 #
 # Budget rule (the same for every objective): 10% of the training split held out, at most
 # 15 epochs, stop after 3 epochs without a better validation accuracy under one fixed draw
 # of N(0, σ²) noise, keep the best epoch.  Resumable: a finished model or certificate is
 # kept, an interrupted training or certification continues where it stopped.
 # Outputs: runs/compare/sigma$SIGMA/<objective>/{train,certify}/ and the joint table/plot
-# in runs/compare/sigma$SIGMA/table/.
+# in runs/compare/sigma$SIGMA/table/ (runs/compare/$DATASET/sigma$SIGMA/ for another DATASET).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/venv.sh
@@ -24,7 +26,9 @@ shift $(( $# < 3 ? $# : 3 ))
 METHODS=("$@")
 [ ${#METHODS[@]} -gt 0 ] || METHODS=(standard gaussian stn_paper stn_stop_gradient stn_code
                                      consistency macer smoothadv)
+DATASET=${DATASET:-mnist_subset}
 OUT=runs/compare/sigma$SIGMA
+[ "$DATASET" = mnist_subset ] || OUT=runs/compare/$DATASET/sigma$SIGMA
 MAX_RADIUS=${MAX_RADIUS:-1.0}
 GRID_POINTS=${GRID_POINTS:-5}
 
@@ -44,10 +48,10 @@ for name in "${METHODS[@]}"; do
   flags=$(method_flags "$name")
   if [ ! -f "$OUT/$name/train/model.keras" ]; then
     # shellcheck disable=SC2086
-    "$PY" train.py --dataset=mnist_subset $flags --sigma="$SIGMA" --validation_split=0.1 \
+    "$PY" train.py --dataset="$DATASET" $flags --sigma="$SIGMA" --validation_split=0.1 \
       --patience=3 --epochs=15 --output_dir="$OUT/$name/train" --verbose=2
   fi
-  "$PY" certify.py --model="$OUT/$name/train/model.keras" --dataset=mnist_subset \
+  "$PY" certify.py --model="$OUT/$name/train/model.keras" --dataset="$DATASET" \
     --sigma="$SIGMA" --num_examples="$NUM_EXAMPLES" --num_samples="$NUM_SAMPLES" --alpha=0.001 \
     --bounds=renyi,cohen --max_radius="$MAX_RADIUS" --grid_points="$GRID_POINTS" \
     --output_dir="$OUT/$name/certify"
