@@ -81,6 +81,24 @@ def test_config_and_saved_model_round_trip(tmp_path):
     assert loaded.layers[0].stddev == 0.25
 
 
+def test_saved_model_draws_on_where_it_stopped(tmp_path):
+    x = tf.zeros([3, 4])
+    model = keras.Sequential([keras.Input((4,)), GaussianNoise(0.5, seed=5)])
+    model(x)
+    model.save(tmp_path / "m.keras")
+    expected = model(x).numpy()   # the draw after the saved state
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    np.testing.assert_array_equal(loaded(x).numpy(), expected)
+
+
+def test_weights_saved_without_the_seed_state_still_load():
+    layer = GaussianNoise(0.5, seed=5)
+    layer.build((None, 4))
+    state = layer.seed_generator.state.numpy()
+    layer.load_own_variables({})   # what an earlier tfcert wrote: no generator state
+    np.testing.assert_array_equal(layer.seed_generator.state.numpy(), state)
+
+
 def test_one_replica_strategy_keeps_the_layer_sequence():
     """With a single replica there is nothing to decorrelate: the draws are unchanged."""
     x = tf.zeros([4, 5])

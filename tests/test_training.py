@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from test_noise import run_with_two_cpus
-from tfcert import models, training
+from tfcert import adversarial_training, models, training
 from tfcert.layers import GaussianNoise
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -330,3 +330,56 @@ def test_backup_that_cannot_be_restored_names_the_directory_to_delete(tmp_path):
         _tear(tmp_path / name)
     with pytest.raises(training.BackupError, match=f"{tmp_path}.*delete that directory"):
         _fit_with_backup(tmp_path)
+
+
+def _order(shuffle, ds, epoch):
+    shuffle.on_epoch_begin(epoch)
+    return [int(i) for i in shuffle(ds).as_numpy_iterator()]
+
+
+def test_epoch_shuffle_order_depends_on_seed_and_epoch_only():
+    ds = tf.data.Dataset.range(50)
+    shuffle = training.EpochShuffle(seed=3)
+    orders = [_order(shuffle, ds, epoch) for epoch in range(3)]
+    assert all(sorted(order) == list(range(50)) for order in orders)
+    assert len({tuple(order) for order in orders}) == 3      # a new order every epoch
+    assert _order(training.EpochShuffle(seed=3), ds, 2) == orders[2]   # no history involved
+    assert _order(training.EpochShuffle(seed=4), ds, 2) != orders[2]
+    assert shuffle(ds).cardinality() == 50
+
+
+_RANDOM_OBJECTIVES = {   # one whose noise layer draws, one whose model draws random starts
+    "gaussian": lambda base: training.GaussianAugmentationModel(base, sigma=0.5, seed=1),
+    "pgd": lambda base: adversarial_training.AdversarialTrainingModel(base, eps=0.3, norm="2",
+                                                                     steps=2, seed=1),
+}
+
+
+def _random_fit(backup_dir, objective, epochs=4, interrupt_at=None):
+    keras.utils.set_random_seed(0)
+    base = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model = _RANDOM_OBJECTIVES[objective](base)
+    model.compile(keras.optimizers.Adam(0.01), LOSS)
+    x = np.random.default_rng(0).normal(size=(40, 3)).astype(np.float32)
+    data = tf.data.Dataset.from_tensor_slices((x, (x[:, 0] > 0).astype(np.int64)))
+    shuffle = training.EpochShuffle(seed=0)
+    callbacks = [shuffle, training.SafeBackupAndRestore(str(backup_dir))]
+    if interrupt_at is not None:
+        callbacks.append(_Interrupt(interrupt_at))
+    model.fit(shuffle(data).batch(8), epochs=epochs, callbacks=callbacks, verbose=0)
+    return [w.numpy() for w in model.weights]
+
+
+@pytest.mark.parametrize("objective", sorted(_RANDOM_OBJECTIVES))
+@pytest.mark.parametrize("interrupt_at", [1, 3])
+def test_a_resumed_run_trains_exactly_as_an_uninterrupted_one(tmp_path, objective,
+                                                              interrupt_at):
+    # Fails if the data order restarts (tf.data's reshuffle counter) or the random draws
+    # do (Keras does not save a SeedGenerator): both differ from the first resumed epoch.
+    uninterrupted = _random_fit(tmp_path / "one", objective)
+    with pytest.raises(KeyboardInterrupt):
+        _random_fit(tmp_path / "two", objective, interrupt_at=interrupt_at)
+    resumed = _random_fit(tmp_path / "two", objective)
+    # Exact: the same ops on the same batches, noise and optimizer state, in one process.
+    for a, b in zip(uninterrupted, resumed, strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -16,14 +16,15 @@ import keras
 import tensorflow as tf
 
 from tfcert.attacks.pgd import NORMS, pgd
-from tfcert.layers.base import replica_seed
+from tfcert.layers.base import SavedSeedState, replica_seed
 from tfcert.training import RobustTrainingModel
 
 ADVERSARIAL_METHODS = ("pgd", "trades")
 
 
-class _PGDTrainingModel(RobustTrainingModel):
-    """Shared part: the PGD settings and a `SeedGenerator` for the random starts."""
+class _PGDTrainingModel(SavedSeedState, RobustTrainingModel):
+    """Shared part: the PGD settings and a `SeedGenerator` for the random starts (saved
+    with the weights, `SavedSeedState`)."""
 
     def __init__(self, base_model: keras.Model, eps: float, norm: str = "inf",
                  steps: int = 10, step_size: float | None = None, seed: int | None = None,

@@ -103,11 +103,9 @@ def load_arrays(name: str, split: str = "test", data_dir: str | None = None,
     return np.stack(x), np.asarray(y, np.int64)
 
 
-def batched(ds: tf.data.Dataset, batch_size: int, shuffle: bool = False,
-            seed: int | None = None) -> tf.data.Dataset:
-    """Shuffles (optionally, reshuffled each epoch), batches and prefetches ``ds``."""
-    if shuffle:
-        ds = ds.shuffle(10_000, seed=seed, reshuffle_each_iteration=True)
+def batched(ds: tf.data.Dataset, batch_size: int) -> tf.data.Dataset:
+    """Batches and prefetches ``ds`` (shuffle training data with
+    `tfcert.training.EpochShuffle`)."""
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 

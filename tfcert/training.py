@@ -19,6 +19,11 @@ compiled loss) and ``<regularizer>_loss`` (the extra term, already weighted).
   at the adversarial points.
 - The adversarial baselines (PGD adversarial training, TRADES) live in
   :mod:`tfcert.adversarial_training` and share `RobustTrainingModel`.
+- Interrupted runs: `SafeBackupAndRestore` (a backup that survives a kill),
+  `ResumableEarlyStopping` (patience counted over the epochs before the kill) and
+  `EpochShuffle` (the data order of each epoch keyed by the epoch) make a resumed
+  ``fit`` train exactly as an uninterrupted one; the noise layers' and random starts'
+  generator states are saved with the weights (`tfcert.layers.base.SavedSeedState`).
 
 Train the *base* model through the wrapper, then certify or export the base model
 (``wrapper.base_model``), or the wrapper itself: its ``call`` is the base model's.
@@ -589,6 +594,48 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
             self._replayed = True
             for done, value in enumerate(self.logged(epoch)):
                 self.on_epoch_end(done, {self.monitor: float(value)})
+
+
+class EpochShuffle(keras.callbacks.Callback):
+    """Shuffles the training data in an order that is a function of (seed, epoch) only.
+
+    ``ds.shuffle(..., reshuffle_each_iteration=True)`` draws each epoch's order from a
+    counter that restarts with the process, so a run resumed by `SafeBackupAndRestore`
+    at epoch k sees epoch 0's order again.  Here epoch e's order is seeded by (seed, e),
+    read when ``fit`` opens the epoch's iterator, after `on_epoch_begin`: with the
+    weights, the optimizer and the noise layers' seed states restored from the backup, a
+    resumed run trains exactly as an uninterrupted one.
+
+    Args:
+        seed: the run's seed.
+        buffer_size: shuffle buffer (``tf.data.Dataset.shuffle``); a dataset no larger
+            than it is shuffled uniformly.
+
+    >>> shuffle = EpochShuffle(seed=0)
+    >>> model.fit(shuffle(train_ds).batch(128), epochs=10,
+    ...           callbacks=[shuffle, SafeBackupAndRestore("run/backup")])
+    """
+
+    def __init__(self, seed: int, buffer_size: int = 10_000):
+        super().__init__()
+        self.seed = int(seed)
+        self.buffer_size = int(buffer_size)
+        self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="shuffle_epoch")
+
+    def __call__(self, ds: tf.data.Dataset) -> tf.data.Dataset:
+        def this_epoch(_):
+            # In the function graph only: its seed with the op seed (a tensor) seeds the
+            # shuffle, whatever the global seed is (TF refuses a tensor op seed under 0).
+            tf.random.set_seed(1 + self.seed % (2**31 - 2))
+            return ds.shuffle(self.buffer_size, seed=self.epoch)
+
+        shuffled = tf.data.Dataset.from_tensors(0).flat_map(this_epoch)
+        if ds.cardinality() >= 0:   # flat_map forgets it; Keras's progress bar wants it
+            shuffled = shuffled.apply(tf.data.experimental.assert_cardinality(ds.cardinality()))
+        return shuffled
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch.assign(epoch)
 
 
 class _EpsilonWarmup(keras.callbacks.Callback):

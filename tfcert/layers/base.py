@@ -3,7 +3,9 @@
 Every randomized layer owns a ``keras.random.SeedGenerator`` (SPEC §2): its state
 variable is saved and exported with the model and advances on every call, so each
 call draws fresh randomness while a layer built with ``seed=`` replays the same
-sequence.  A caller that needs reproducible draws for one call (the per-request seed
+sequence.  Keras does not save a ``SeedGenerator`` in ``.keras`` / ``.weights.h5``
+files; `SavedSeedState` does, so a training run resumed from a backup draws on where
+the interrupted one stopped instead of replaying its first draws.  A caller that needs reproducible draws for one call (the per-request seed
 of the exported serving signature, the EOT loop of an attack) passes ``seed=``, an
 int tensor of shape ``[2]``, to ``call``; the layer then uses TensorFlow's stateless
 random ops with that seed and leaves its generator untouched.
@@ -37,7 +39,25 @@ def replica_seed(seed: tf.Tensor) -> tf.Tensor:
     return tf.cast(folded, tf.int64)
 
 
-class RandomizedLayer(keras.layers.Layer):
+class SavedSeedState:
+    """Mixin of a Keras layer or model with a ``seed_generator``: saves the generator's
+    state with the object's variables (key ``"seed_generator_state"``) and restores it
+    on load; a file saved without it (an earlier tfcert) loads with the state unchanged."""
+
+    KEY = "seed_generator_state"
+
+    def save_own_variables(self, store) -> None:
+        super().save_own_variables(store)
+        store[self.KEY] = self.seed_generator.state
+
+    def load_own_variables(self, store) -> None:
+        keys = set(store.keys())
+        if self.KEY in keys:
+            self.seed_generator.state.assign(store[self.KEY])
+        super().load_own_variables({key: store[key] for key in keys - {self.KEY}})
+
+
+class RandomizedLayer(SavedSeedState, keras.layers.Layer):
     """Base class of layers whose output is random at training *and* inference.
 
     Args:

@@ -162,7 +162,9 @@ def run(argv: list[str]) -> None:
         for stale in (log_path, best_path):
             if os.path.exists(stale):
                 os.remove(stale)
+    shuffle = training.EpochShuffle(FLAGS.seed)
     callbacks = [
+        shuffle,
         noisy_validation_accuracy(base, val_ds, FLAGS.sigma, FLAGS.seed),
         *model_selection(log_path, best_path),
         keras.callbacks.CSVLogger(log_path, append=True),
@@ -171,8 +173,7 @@ def run(argv: list[str]) -> None:
     ]
     verbose = "auto" if FLAGS.verbose == "auto" else int(FLAGS.verbose)
     try:
-        history = model.fit(data.batched(train_ds, FLAGS.batch_size, shuffle=True,
-                                         seed=FLAGS.seed),
+        history = model.fit(data.batched(shuffle(train_ds), FLAGS.batch_size),
                             validation_data=data.batched(val_ds, 512), epochs=FLAGS.epochs,
                             callbacks=callbacks, verbose=verbose, shuffle=False)
     except training.BackupError as err:
