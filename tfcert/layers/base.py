@@ -5,10 +5,11 @@ variable is saved and exported with the model and advances on every call, so eac
 call draws fresh randomness while a layer built with ``seed=`` replays the same
 sequence.  Keras does not save a ``SeedGenerator`` in ``.keras`` / ``.weights.h5``
 files; `SavedSeedState` does, so a training run resumed from a backup draws on where
-the interrupted one stopped instead of replaying its first draws.  A caller that needs reproducible draws for one call (the per-request seed
-of the exported serving signature, the EOT loop of an attack) passes ``seed=``, an
-int tensor of shape ``[2]``, to ``call``; the layer then uses TensorFlow's stateless
-random ops with that seed and leaves its generator untouched.
+the interrupted one stopped instead of replaying its first draws.  A caller that needs
+reproducible draws for one call (the per-request seed of the exported serving
+signature, the EOT loop of an attack) passes ``seed=``, an int tensor of shape ``[2]``,
+to ``call``; the layer then uses TensorFlow's stateless random ops with that seed and
+leaves its generator untouched.
 
 Under a ``tf.distribute`` strategy with several replicas, every replica runs the same
 layer with the same generator state, so an unseeded call folds the replica id into
