@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 
 import numpy as np
 import pytest
@@ -143,6 +144,19 @@ def test_merge_refuses_incomplete_or_foreign_shards(digits_model, tmp_path):
     assert twice.returncode == 1 and "shard indices [0, 0]" in twice.stderr
 
 
+def test_merge_into_another_runs_folder_leaves_it_untouched(digits_model, tmp_path):
+    """Issue: --merge deleted the folder's certify.tsv before comparing its settings."""
+    shards = [tmp_path / f"shard{j}" for j in range(2)]
+    for j, shard in enumerate(shards):
+        result = certify(*common(digits_model, shard, 4), "--num_shards=2", f"--shard_index={j}")
+        assert result.returncode == 0, result.stderr
+    other = tmp_path / "other"
+    assert certify(*common(digits_model, other, 2), "--alpha=0.01").returncode == 0
+    before = (other / "certify.tsv").read_text()
+    merged = certify(f"--merge={shards[0]},{shards[1]}", f"--output_dir={other}")
+    assert merged.returncode == 1 and "--alpha (0.01 -> 0.001)" in merged.stderr, merged.stderr
+    assert (other / "certify.tsv").read_text() == before
+
 def test_a_model_that_does_not_fit_the_data_is_refused_before_any_output(digits_model, tmp_path):
     """Issue: an 8x8 digits model on mnist_subset ended in a traceback and left a folder."""
     out = tmp_path / "o"
@@ -168,11 +182,27 @@ def test_bad_flags(digits_model, tmp_path, args, message):
     assert "Traceback" not in result.stderr
 
 
-def test_corrupt_model_file(tmp_path):
+@pytest.mark.parametrize("content, message", [
+    (b"not a zip file", "is not a .keras file"),
+    (None, "cannot load model"),  # a zip archive, but not of a Keras model
+])
+def test_corrupt_model_file(tmp_path, content, message):
     bad = tmp_path / "bad.keras"
-    bad.write_bytes(b"not a zip file")
+    if content is None:
+        with zipfile.ZipFile(bad, "w") as archive:
+            archive.writestr("notes.txt", "no config.json here")
+    else:
+        bad.write_bytes(content)
     result = certify(f"--model={bad}", "--sigma=0.5", f"--output_dir={tmp_path}/o")
-    assert result.returncode == 1 and "cannot load model" in result.stderr
+    assert result.returncode == 1 and message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("flag", ["--num_samples=0", "--no_such_flag=1"])
+def test_unparsable_flag_is_one_error_line(tmp_path, flag):
+    result = certify(flag, f"--output_dir={tmp_path}/o")
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.slow

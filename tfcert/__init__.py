@@ -1,6 +1,6 @@
 """tfcert: certified adversarial robustness for TensorFlow 2 / Keras 3.
 
-Public API (SPEC §6)::
+Public API::
 
     tfcert.stats.clopper_pearson / simultaneous_bounds        # sound statistics (float64)
     tfcert.bounds.renyi_radius / cohen_radius / pixeldp_radius / gaussian_kl_bound

@@ -1,4 +1,4 @@
-"""Adversarial-training baselines of STN Section 6 (SPEC §4.4), as `RobustTrainingModel`s.
+"""Adversarial-training baselines of STN Section 6, as `RobustTrainingModel`s.
 
 - `AdversarialTrainingModel`: PGD adversarial training (Madry et al. 2018): the compiled
   loss is taken on PGD examples only.

@@ -1,4 +1,4 @@
-"""Certified radii and KL bounds (SPEC §4.3 and §4.6).
+"""Certified radii and KL bounds (guarantees: docs/SOUNDNESS.md §2 and §3).
 
 Every radius takes a lower bound ``p1_lower`` on the top-class probability and an upper
 bound ``p2_upper`` on the runner-up probability (see :mod:`tfcert.stats`), and the noise
@@ -7,7 +7,7 @@ provably keeps its prediction.  The functions
 
 * accept numpy arrays, Python floats or tensors and broadcast them;
 * use core TensorFlow ops only, with fixed-iteration loops, so they run eagerly, inside
-  ``tf.function`` with unknown batch size, and inside an exported SavedModel (SPEC §5);
+  ``tf.function`` with unknown batch size, and inside an exported SavedModel;
 * return 0 where the certificate is empty (``p1_lower <= p2_upper``), never NaN;
 * never overestimate: inputs are made *more* conservative before use, never less.
   ``p1_lower`` is clipped to at most 1 − 2⁻⁵³ (the largest float64 below 1; a
@@ -62,7 +62,7 @@ _RENYI_ROUNDING = 2.0 ** -40
 # against 40-digit mpmath (tails down to 1e-16 included); exp, log, sqrt are within 1 ulp.
 _ROUNDING = 2.0 ** -46
 
-# Default PixelDP grid (SPEC §4.3, STN Appendix A: "grid search to find ε and δ").
+# Default PixelDP grid (STN Appendix A: "grid search to find ε and δ").
 # ε ≤ 1 is the range where the Gaussian mechanism σ = sqrt(2 log(1.25/δ)) Δ/ε is
 # (ε, δ)-DP (Dwork & Roth, Thm A.1); δ < 1/2 always, because the condition
 # p1 > e^{2ε} p2 + (1 + e^ε) δ forces δ < p1 / 2.
@@ -180,7 +180,7 @@ def renyi_radius(p1_lower: TensorLike, p2_upper: TensorLike, sigma: TensorLike) 
 
     ``L = sup_{α>1} sqrt(−(2σ²/α) log(1 − p1 − p2 + 2 M_{1−α}(p1, p2)))`` with the
     generalized mean ``M_β(a, b) = ((a^β + b^β)/2)^{1/β}`` (Lemma 1; Algorithm 1 step 6).
-    The supremum is searched over all α > 1 (SPEC §4.3): a 64-point grid in
+    The supremum is searched over all α > 1: a 64-point grid in
     ``t = log(α − 1) ∈ [−40, 10]``, refined five times by 64 points over the two cells
     around the best point so far.  The exponent is evaluated in a cancellation-free form (``_RenyiTerms``:
     ``1 − p1 − p2 + 2M = 1 − D`` with D computed directly, so near-ties keep their
@@ -212,7 +212,7 @@ def renyi_radius(p1_lower: TensorLike, p2_upper: TensorLike, sigma: TensorLike) 
 
 
 def cohen_radius(p1_lower: TensorLike, p2_upper: TensorLike, sigma: TensorLike) -> tf.Tensor:
-    """Certified ℓ2 radius of Cohen et al. 2019: ``σ/2 (Φ⁻¹(p1) − Φ⁻¹(p2))`` (SPEC §4.3).
+    """Certified ℓ2 radius of Cohen et al. 2019: ``σ/2 (Φ⁻¹(p1) − Φ⁻¹(p2))``.
 
     Not in the two papers; offered for comparison on the same counts.  It is tighter
     than :func:`renyi_radius` (≈ 1.28σ vs 1.03σ at (0.9, 0.1)).  With Cohen's split
@@ -240,7 +240,7 @@ def pixeldp_radius(p1_lower: TensorLike, p2_upper: TensorLike, sigma: TensorLike
     Gaussian noise of standard deviation σ makes the classifier (ε, δ)-DP for ℓ2 changes
     up to ``L = σ ε / sqrt(2 log(1.25/δ))``, and the prediction is robust at that size if
     ``p1 > e^{2ε} p2 + (1 + e^ε) δ`` (STN Appendix A, with the δ term the STN text
-    drops: SPEC §4.3 correction).  As STN does, the radius is maximised over a grid:
+    drops: docs/SOUNDNESS.md §2).  As STN does, the radius is maximised over a grid:
     for each ε the best δ is the largest grid value satisfying the condition (L grows
     with δ), found by binary search, so the maximum over the full grid is exact.  The
     condition's left margin and the radius are rounded down by their float64 error
@@ -281,7 +281,7 @@ def gaussian_kl_bound(eps: TensorLike, num_pixels: TensorLike, channels: TensorL
     """KL bound of Gaussian randomization under an ℓ∞ attack (Zhang & Liang eq. 4).
 
     ``D_KL(p_x̃ ‖ p_x̃') = Σ_i ‖x_i − x'_i‖² / (2σ²) <= n q ε² / (2σ²)`` for n pixels of
-    q channels each, ℓ∞ perturbation ε and noise N(0, σ²I) (SPEC §4.6).  ε and σ on the
+    q channels each, ℓ∞ perturbation ε and noise N(0, σ²I).  ε and σ on the
     same pixel scale ([0, 1]: 8/255 ≈ 0.031).
 
     Returns:

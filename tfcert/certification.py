@@ -1,6 +1,6 @@
 """Certification runs over a dataset: resumable, shardable, mergeable (the engine of certify.py).
 
-A run certifies the examples that the data options select (SPEC §7) and streams one row
+A run certifies the examples that the data options select and streams one row
 per example to ``<output_dir>/certify.tsv``; at the end it writes the certified-accuracy
 table (``summary.txt``, ``certified_accuracy.tsv``) and plot (``certified_accuracy.png``).
 What makes a finished run trustworthy:
@@ -124,9 +124,7 @@ def merge_runs(run_dirs: Sequence[str], output_dir: str, options_override=None) 
         columns = columns or list(next(iter(shard_rows.values())))
     merged = {**first, "num_shards": 1, "shard_index": 0, "merge": list(run_dirs),
               "output_dir": output_dir}
-    if os.path.exists(os.path.join(output_dir, TSV)):
-        os.remove(os.path.join(output_dir, TSV))  # a merge is rewritten whole
-    results.prepare_run_dir(output_dir, merged, OPERATIONAL)
+    results.prepare_run_dir(output_dir, merged, OPERATIONAL)  # refuses another run's folder
     lock = results.lock_run_dir(output_dir)
     ordered = [rows[i] for i in sorted(rows, key=int)]
     text = "\t".join(columns) + "\n" + "".join("\t".join(r[c] for c in columns) + "\n"
@@ -254,7 +252,7 @@ def eps_grid(options) -> list[float]:
 
 
 class KLCertifier:
-    """ℓ∞ KL certificates of randomized discretization (Zhang & Liang Props. 1–2, SPEC §4.6).
+    """ℓ∞ KL certificates of randomized discretization (Zhang & Liang Props. 1–2).
 
     Per example and ε: the votes of f(RandDisc(x)) give a sound lower bound on the
     margin (Clopper-Pearson at α); U_KL is Prop. 1's bound, whose expectation over the

@@ -2,8 +2,8 @@
 
 Every script runs ``tfcert.cli.run(main)``: an expected failure (bad flag value, missing
 data, unreadable model, mismatched run directory, NaN) prints one ``error: ...`` line
-that says what to do and exits with status 1; absl reports flag syntax errors itself
-(status 1 too).
+that says what to do and exits with status 1; so does a flag absl cannot parse (unknown
+flag, value out of its bounds).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import os
 import re
 import sys
 import tempfile
+import zipfile
 from typing import Callable
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -55,7 +56,18 @@ def run(main: Callable[[list[str]], None]) -> None:
             print(f"error: {message}", file=sys.stderr)
             sys.exit(1)
 
-    app.run(guarded)
+    app.run(guarded, flags_parser=parse_flags)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, its errors as one ``error:`` line (exit status 1)."""
+    from absl import flags
+
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as err:
+        print(f"error: {' '.join(str(err).split())} (see --helpshort)", file=sys.stderr)
+        sys.exit(1)
 
 
 def import_tensorflow_quietly() -> None:
@@ -198,6 +210,9 @@ def load_model(path: str):
     if not os.path.exists(path):
         raise CliError(f"model file {path} does not exist: train one with train.py "
                        "or pass --model=<path to a .keras file>")
+    if not zipfile.is_zipfile(path):
+        raise CliError(f"{path} is not a .keras file (a zip archive written by train.py or "
+                       "model.save()): it is corrupt or of another format")
     try:
         return keras.models.load_model(path)
     except Exception as err:  # zip, h5, config errors all mean "not a usable model"

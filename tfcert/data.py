@@ -1,4 +1,4 @@
-"""Datasets of tfcert (SPEC §3): images as float32 NHWC in [0, 1], labels as int64.
+"""Datasets of tfcert: images as float32 NHWC in [0, 1], labels as int64.
 
 | name           | source                                                                  |
 | -------------- | ----------------------------------------------------------------------- |

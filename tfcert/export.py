@@ -1,4 +1,4 @@
-"""SavedModel export of a smoothed classifier for TensorFlow Serving (SPEC §5).
+"""SavedModel export of a smoothed classifier for TensorFlow Serving (guide: export/README.md).
 
 ``export_saved_model(smoothed, path, num_samples, alpha, bound="renyi")`` writes a
 SavedModel whose signatures run the whole of STN Algorithm 1 inside the graph: the
@@ -117,7 +117,9 @@ WARMUP_PIXEL = 0.5  # every pixel of a warmup image (inside [0, 1], so the reque
 FIRST_CHECKPOINT = 200
 # Warmup values of the other inputs, by name (integer inputs not listed get 0).
 WARMUP_VALUES = {"seed": 0, "target_radius": 0.0}
-# Ops that must never appear in an exported graph (SPEC §2): Python callbacks, XLA.
+# Ops that must never appear in an exported graph: Python callbacks (they run only in the
+# process that built the graph) and XLA (TF Serving GPU builds fail on it with "Could not
+# find compiler for platform CUDA").
 FORBIDDEN_OPS = frozenset({"PyFunc", "PyFuncStateless", "EagerPyFunc", "XlaLaunch",
                            "_XlaCompile", "_XlaRun", "XlaCallModule"})
 XLA_ATTRIBUTE = "_XlaMustCompile"
@@ -466,7 +468,8 @@ def _config(smoothed: SmoothedClassifier, num_samples: int, alpha: float, bound:
 def _serving_module(smoothed: SmoothedClassifier, config: ExportConfig,
                     config_file: str) -> tf.Module:
     """A tf.Module holding the signature functions, the variables they read (tracked
-    explicitly, SPEC §2), the baked-in constants and the config asset."""
+    explicitly: saving a bare ``tf.Module`` fails with "untracked resource" for the random
+    layers' seed generators), the baked-in constants and the config asset."""
     module = tf.Module(name="tfcert_smoothed_classifier")
     module.config_file = tf.saved_model.Asset(config_file)
     for name, value, dtype in (("num_samples", config.num_samples, tf.int64),

@@ -3,8 +3,8 @@
 - :func:`randdisc_kl_bound`: Proposition 1, an upper bound U_KL on KL(p_x̃ ‖ p_x̃') over all
   x' with ‖x − x'‖∞ ≤ ε for the RandDisc transformation x̃ of x (the Gaussian bound, eq. (4),
   is :func:`tfcert.bounds.gaussian_kl_bound`).
-- :func:`kl_certify`: Proposition 2 with the sign of δ corrected (SPEC §4.6): the label y is
-  certified when a lower confidence bound of margin(x̃, y, f) exceeds sqrt(2 U_KL).
+- :func:`kl_certify`: Proposition 2 with the sign of δ corrected (docs/SOUNDNESS.md §3): the
+  label y is certified when a lower confidence bound of margin(x̃, y, f) exceeds sqrt(2 U_KL).
 - :func:`betting_upper_bound`: the confidence bound on a bounded mean that makes the
   Monte-Carlo part of U_KL a high-probability bound.
 
@@ -567,7 +567,7 @@ class KLCertificate(NamedTuple):
 def kl_certify(counts: tf.Tensor | np.ndarray, labels: tf.Tensor | np.ndarray | Sequence[int],
                u_kl: KLBound | tf.Tensor | np.ndarray | float, alpha: float = 0.001,
                num_votes: int | None = None) -> KLCertificate:
-    """Certified accuracy of Proposition 2 (Zhang & Liang), sign of δ corrected (SPEC §4.6).
+    """Certified accuracy of Prop. 2 (Zhang & Liang), sign of δ corrected (docs/SOUNDNESS.md §3).
 
     Pinsker and data processing give margin(x̃', y, f) ≥ margin(x̃, y, f) − sqrt(2·U_KL) for
     every x' in the ε-ball, so y stays the most likely output when the clean margin exceeds

@@ -1,4 +1,4 @@
-"""Base classifiers (SPEC §4.8).  Every model maps images in [0, 1] to **logits**.
+"""Base classifiers.  Every model maps images in [0, 1] to **logits**.
 
 - ``stn_mnist``: the MNIST model of STN Section 6 (Tramèr et al.'s model A):
   Conv(64, 5x5)-ReLU, Conv(64, 5x5)-ReLU, Dropout 0.25, Flatten, Dense 128-ReLU,

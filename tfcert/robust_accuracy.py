@@ -1,4 +1,4 @@
-r"""Robust accuracy of a defense under an attack over a sweep of ε (SPEC §4.7): the engine of
+r"""Robust accuracy of a defense under an attack over a sweep of ε: the engine of
 ``tfcert-attack`` / ``python -m tfcert.scripts.attack``.
 
 The defense is the base model behind a tfcert layer (``defense``: none, gaussian,

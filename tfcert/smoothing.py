@@ -1,4 +1,4 @@
-"""The smoothed classifier of STN Algorithm 1 and its certificates (SPEC §4.1–4.3).
+"""The smoothed classifier of STN Algorithm 1 and its certificates (docs/SOUNDNESS.md §2).
 
 ``SmoothedClassifier(base_model, num_classes, noise)`` classifies ``x`` by the votes of
 ``base_model(noise(x))`` over many noise draws.  Sampling is batched across images

@@ -1,4 +1,6 @@
-"""Sound confidence bounds on the class probabilities of a smoothed classifier (SPEC §4.2).
+"""Sound confidence bounds on the class probabilities of a smoothed classifier.
+
+What they rest on: docs/SOUNDNESS.md §1.2 (precision) and §2 (level split).
 
 STN (Li et al.), Section 4 "Confidence Interval and Sample Size": the certificate of
 Theorem 2 needs a *lower* bound on the top-class probability p(1) and an *upper* bound on
@@ -37,12 +39,11 @@ Two implementations share this construction:
 * :func:`clopper_pearson_graph` bisects ``tf.math.betainc`` with a fixed number of
   steps.  It uses core TensorFlow ops only, so it runs inside ``tf.function`` with a
   dynamic batch size and inside an exported SavedModel that TF Serving loads without
-  TFP (SPEC §5).  :func:`simultaneous_bounds` and :func:`cohen_split_bounds`, the
+  TFP.  :func:`simultaneous_bounds` and :func:`cohen_split_bounds`, the
   bounds the certificate uses, are built on it, as is :func:`binomial_test_pvalue`
   (Cohen et al.'s PREDICT).
 
-All statistics are float64 (SPEC §2: float32 Beta quantiles are off by percents in the
-tails).
+All statistics are float64 (float32 Beta quantiles are off by percents in the tails).
 """
 
 from __future__ import annotations
@@ -184,7 +185,7 @@ def clopper_pearson(counts: TensorLike, n: TensorLike,
     """One-sided Clopper-Pearson bounds on a binomial proportion, each at level ``alpha``.
 
     ``lower(k, n, a) = Beta(k, n-k+1).quantile(a)`` (0 if k = 0) and
-    ``upper(k, n, a) = Beta(k+1, n-k).quantile(1-a)`` (1 if k = n) (SPEC §4.2), so that
+    ``upper(k, n, a) = Beta(k+1, n-k).quantile(1-a)`` (1 if k = n), so that
     ``P(p < lower) <= alpha`` and ``P(p > upper) <= alpha`` separately.  The upper bound is
     computed as ``1 − Beta(n-k, k+1).quantile(a)``.  Quantiles start from
     ``tfp.math.betaincinv`` (float64), checked with ``tf.math.betainc`` and bisected where
@@ -227,7 +228,7 @@ def simultaneous_bounds(counts: TensorLike,
 
     STN Section 4 bounds p(1) from below and p(2) from above with one-sided
     Clopper-Pearson intervals and a Bonferroni correction.  The top class is chosen
-    from the same counts, so (SPEC §4.2) every class ``j`` gets the interval
+    from the same counts, so (docs/SOUNDNESS.md §2) every class ``j`` gets the interval
     ``[lower_j, upper_j]`` of level ``alpha / k``, i.e. each one-sided bound at level
     ``alpha / (2k)``: the union bound over those 2k events makes all k intervals hold
     together with probability >= 1 - alpha, whichever class ends up on top.  Then
@@ -275,7 +276,7 @@ def cohen_split_bounds(counts_estimation: TensorLike, selected_class: TensorLike
     The class is picked from n0 selection samples; ``counts_estimation`` are the votes
     of n *fresh* samples, so a single one-sided Clopper-Pearson lower bound at level
     ``alpha`` on the selected class suffices, and ``p2_upper = 1 - p1_lower`` (rounded
-    up; SPEC §4.2, "Cohen's split").  Core TF only.
+    up; docs/SOUNDNESS.md §2).  Core TF only.
 
     Args:
         counts_estimation: int ``[batch, k]`` votes of the estimation samples.

@@ -1,4 +1,4 @@
-"""Training objectives as ``keras.Model`` wrappers with a custom ``train_step`` (SPEC §4.4).
+"""Training objectives as ``keras.Model`` wrappers with a custom ``train_step``.
 
 Each wrapper holds a base classifier (logits) and changes only what ``fit`` optimises;
 ``call``, ``evaluate``, ``predict``, callbacks, compiled metrics, ``model.save`` /
@@ -307,7 +307,7 @@ STABILITY_TARGETS = ("paper", "stop_gradient", "stn_code")
 
 @keras.saving.register_keras_serializable(package="tfcert")
 class StabilityModel(_NoisyTrainingModel):
-    """Stability training with noise, STN Section 5.1 (SPEC §4.4).
+    """Stability training with noise, STN Section 5.1.
 
     ``fit`` minimises ``L* + γ·L_stability`` with ``L*`` the compiled loss on the clean
     batch, x' = x + N(0, σ²I), z = f(x) and z' = f(x') the logits, and ``L_stability``

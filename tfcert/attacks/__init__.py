@@ -1,4 +1,4 @@
-"""Attacks for empirical robustness (SPEC §4.7): white-box PGD and Carlini-Wagner ℓ2 with
+"""Attacks for empirical robustness: white-box PGD and Carlini-Wagner ℓ2 with
 EOT for randomized defenses (BPDA through RandDisc's straight-through gradient comes for
 free), the decision-based boundary attack, and black-box transfer.
 

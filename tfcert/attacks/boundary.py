@@ -1,6 +1,6 @@
 """Boundary attack (Brendel, Rauber & Bethge 2018): decision-based, gradient-free, ℓ2.
 
-STN Appendix D.2 runs it as a sanity check against gradient masking (SPEC §4.7).  It only
+STN Appendix D.2 runs it as a sanity check against gradient masking.  It only
 queries the predicted label.  Batched over examples and trials inside one
 ``tf.function``: every iteration draws ``trials`` proposals per example and classifies
 them in two forward passes.  Each proposal is

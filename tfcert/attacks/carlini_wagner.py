@@ -1,4 +1,4 @@
-"""Carlini-Wagner ℓ2 attack (Carlini & Wagner 2017) with EOT (STN Section 6.2, SPEC §4.7).
+"""Carlini-Wagner ℓ2 attack (Carlini & Wagner 2017) with EOT (STN Section 6.2).
 
 Minimises ``‖x' − x‖₂² + c · max(margin(x') + κ, 0)`` over ``x' = (tanh(w) + 1)/2`` (the
 change of variables keeps x' in [0, 1]) with Adam, and binary-searches the constant c

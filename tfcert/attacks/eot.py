@@ -2,7 +2,7 @@
 
 A randomized defense f (a Keras model with a `GaussianNoise`, RandDisc or RandMix layer
 in front) is attacked through its *expected* prediction (Athalye et al. 2018; STN
-Section 6.2; Zhang & Liang Section 5; SPEC §4.7): the batch is tiled ``samples`` times,
+Section 6.2; Zhang & Liang Section 5): the batch is tiled ``samples`` times,
 run through the model in **one** forward pass (the layers draw independent noise for
 every copy), and the softmax **probabilities** are averaged before the log, as ART's
 EOT and SmoothAdv do:

@@ -1,4 +1,4 @@
-"""Projected gradient descent (Madry et al. 2018) with EOT, ℓ∞ and ℓ2 (SPEC §4.7).
+"""Projected gradient descent (Madry et al. 2018) with EOT, ℓ∞ and ℓ2.
 
 Zhang & Liang Section 2 (PGD update, eq. 1) and Section 5: 40 steps × 20 EOT draws on
 MNIST, 10 steps × 100 draws on ImageNet; STN Section 6.2: 10 draws.  The attack runs

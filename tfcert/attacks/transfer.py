@@ -1,4 +1,4 @@
-"""Black-box transfer attack (STN Section 6.2, SPEC §4.7).
+"""Black-box transfer attack (STN Section 6.2).
 
 Adversarial examples are made white-box on a *source* model (STN: Madry et al.'s
 PGD-adversarially-trained model, which gave the strongest transfer attacks against both

@@ -1,6 +1,6 @@
 """Shared machinery of tfcert's randomized layers.
 
-Every randomized layer owns a ``keras.random.SeedGenerator`` (SPEC §2): its state
+Every randomized layer owns a ``keras.random.SeedGenerator``: its state
 variable is saved and exported with the model and advances on every call, so each
 call draws fresh randomness while a layer built with ``seed=`` replays the same
 sequence.  Keras does not save a ``SeedGenerator`` in ``.keras`` / ``.weights.h5``

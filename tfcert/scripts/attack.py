@@ -1,4 +1,4 @@
-r"""Robust accuracy of a defense under an attack over a sweep of ε (SPEC §4.7).
+r"""Robust accuracy of a defense under an attack over a sweep of ε.
 
     tfcert-attack --model=runs/std/model.keras --dataset=mnist_subset \
         --defense=randdisc --sigma=0.15 --attack=pgd_linf --eps=0.05,0.1,0.2,0.3 \

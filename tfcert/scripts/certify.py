@@ -1,4 +1,4 @@
-r"""Certifies a trained classifier under Gaussian noise (STN Algorithm 1, SPEC §4.1–4.3, §7).
+r"""Certifies a trained classifier under Gaussian noise (STN Algorithm 1; docs/SOUNDNESS.md).
 
     python certify.py --model=runs/stn/model.keras --dataset=mnist_subset --sigma=0.7 \
         --num_examples=500 --num_samples=10000 --alpha=0.001 --bounds=renyi,cohen \

@@ -1,4 +1,4 @@
-"""Exports a trained classifier as a certified TF Serving SavedModel (SPEC §5, §7).
+"""Exports a trained classifier as a certified TF Serving SavedModel.
 
     tfcert-export --model=runs/stn/model.keras --sigma=0.5 --num_samples=100000 \
         --alpha=0.001 --bound=renyi --base_dir=serving --name=mnist

@@ -30,11 +30,13 @@ weights, and ``model.keras`` is saved as its float32 clone (`tfcert.training`):
 
 An interrupted run resumes from its last finished epoch (``backup/``; the one before if
 the kill tore the last backup, `tfcert.training.SafeBackupAndRestore`), with --patience
-counting on from the epochs already logged (`tfcert.training.ResumableEarlyStopping`); the
-epochs after the resumption see the data in another order than an uninterrupted run would.
-A new run in the same --output_dir replaces the old log.  Flags, data and model are checked
-before anything is written: a model that cannot be built for the data is a one-line
-``error:`` and leaves no output folder.
+counting on from the epochs already logged (`tfcert.training.ResumableEarlyStopping`), and
+trains exactly as an uninterrupted run would (`tfcert.training.EpochShuffle`).  Resuming
+with other settings (anything but --epochs, --verbose, --data_dir, --download) is refused.
+A new run in the same --output_dir replaces what a finished one left; ``model.keras`` is
+written last, so a folder holding it holds a finished run.  Flags, data and model are
+checked before anything is written: a model that cannot be built for the data is a
+one-line ``error:`` and leaves no output folder.
 """
 
 from __future__ import annotations
@@ -49,13 +51,15 @@ from absl import flags
 from tfcert import cli
 
 FLAGS = flags.FLAGS
+# Flags that may change when an interrupted run is resumed: they never change what it trains.
+OPERATIONAL = frozenset({"data_dir", "download", "epochs", "output_dir", "verbose"})
 flags.DEFINE_string("dataset", "mnist_subset", "Dataset (see tfcert.data): mnist_subset, "
                     "fashion_mnist, digits, mnist, cifar10, imagenet2012.")
 flags.DEFINE_string("data_dir", None, "Folder with prepared tfds data or the Fashion-MNIST IDX files.")
 flags.DEFINE_bool("download", False, "Let tensorflow-datasets download the data (needs internet).")
 flags.DEFINE_string("model", None, "Base classifier: stn_mnist, cifar_cnn, small_cnn or "
                     "app:<keras.applications name>. Default: stn_mnist for 28x28 data, "
-                    "cifar_cnn for cifar10, small_cnn for digits.")
+                    "cifar_cnn for cifar10, small_cnn for digits, app:ResNet50 for imagenet2012.")
 flags.DEFINE_enum("method", "stn", ["standard", "gaussian", "stn", "consistency", "macer",
                                      "smoothadv", "pgd", "trades"],
                   "Training method: standard; gaussian (Gaussian augmentation, Cohen et al.); "
@@ -127,7 +131,7 @@ def run(argv: list[str]) -> None:
     import keras
     import numpy as np
 
-    from tfcert import data, training
+    from tfcert import data, results, training
     from tfcert.smoothing import policy_clone
 
     strategy = distribution()
@@ -152,16 +156,17 @@ def run(argv: list[str]) -> None:
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                       metrics=["accuracy"])
 
-    config = {**cli.script_flags(), "model": model_name}
-    os.makedirs(FLAGS.output_dir, exist_ok=True)
-    with open(os.path.join(FLAGS.output_dir, "config.json"), "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-    log_path, best_path, backup_dir = (os.path.join(FLAGS.output_dir, name) for name in (
-        "log.csv", "best.weights.h5", "backup"))
-    if not os.path.isdir(backup_dir):  # a new run, not the resumption of an interrupted one
-        for stale in (log_path, best_path):
+    log_path, best_path, backup_dir, model_path, metrics_path = (
+        os.path.join(FLAGS.output_dir, name) for name in (
+            "log.csv", "best.weights.h5", "backup", "model.keras", "metrics.json"))
+    if not os.path.isdir(backup_dir):  # a new run replaces what a finished one left
+        for stale in (log_path, best_path, model_path, metrics_path,
+                      os.path.join(FLAGS.output_dir, "config.json")):
             if os.path.exists(stale):
                 os.remove(stale)
+    # resuming an interrupted run with other settings is refused before anything is written
+    results.prepare_run_dir(FLAGS.output_dir, {**cli.script_flags(), "model": model_name},
+                            OPERATIONAL, cli.flag_defaults())
     shuffle = training.EpochShuffle(FLAGS.seed)
     callbacks = [
         shuffle,
@@ -187,13 +192,14 @@ def run(argv: list[str]) -> None:
 
     final = base if FLAGS.mixed_precision == "float32" else policy_clone(base, "float32")
     metrics = {**evaluate(final, test_ds, FLAGS.sigma, FLAGS.seed), **epochs_trained(log_path)}
-    final.save(os.path.join(FLAGS.output_dir, "model.keras"))
-    with open(os.path.join(FLAGS.output_dir, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
+    results.write_atomic(metrics_path, json.dumps(metrics, indent=2) + "\n")
+    partial = os.path.join(FLAGS.output_dir, "model.partial.keras")
+    final.save(partial)
+    os.replace(partial, model_path)  # last: a model.keras in the folder means a finished run
     print(f"clean test accuracy: {100 * metrics['clean_accuracy']:.2f}%")
     print(f"test accuracy under N(0, {FLAGS.sigma}^2) noise (one draw per image): "
           f"{100 * metrics['noisy_accuracy']:.2f}%")
-    print(f"model written to {os.path.join(FLAGS.output_dir, 'model.keras')}")
+    print(f"model written to {model_path}")
 
 
 def distribution() -> "tf.distribute.Strategy":
