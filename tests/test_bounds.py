@@ -360,3 +360,13 @@ def test_average_certified_radius_counts_only_correct_certificates():
     area = np.sum(certified_accuracy(radius, correct, grid)[:-1]) * (grid[1] - grid[0])
     assert area == pytest.approx(average_certified_radius(radius, correct), abs=1e-4)  # grid step
     assert average_certified_radius(np.array([]), np.array([], bool)) == 0.0
+
+
+@pytest.mark.parametrize("sigma", [0.0, -0.5, float("nan"), float("inf")])
+def test_a_noise_sigma_that_is_not_positive_and_finite_is_refused(sigma):
+    """Issue: σ <= 0 gave negative (and NaN σ NaN) radii for a "certified" prediction."""
+    for radius in (bounds.renyi_radius, bounds.cohen_radius, bounds.pixeldp_radius):
+        with pytest.raises(ValueError, match="sigma must be finite and > 0"):
+            radius(0.9, 0.1, sigma)
+    with pytest.raises(ValueError, match="sigma must be finite and > 0"):
+        bounds.gaussian_kl_bound(0.1, 784, 1, sigma)

@@ -218,6 +218,32 @@ def test_clopper_pearson_broadcasts_and_accepts_tensors(cp):
     np.testing.assert_allclose(upper, ref_upper, atol=1e-10)
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.int32])
+def test_narrow_count_dtypes_do_not_wrap_around(dtype):
+    """Issue: uint8 / int16 counts were summed and compared in their own dtype, so n = 300
+    became 44 (and 70,000 became 4,464): lower bounds far above scipy's, unsound."""
+    counts = np.array([[250, 50], [5, 0]])
+    wide = [v.numpy() for v in stats.simultaneous_bounds(counts.astype(np.int64), 0.01)]
+    narrow = [v.numpy() for v in stats.simultaneous_bounds(counts.astype(dtype), 0.01)]
+    for a, b in zip(wide, narrow):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(stats.clopper_pearson(dtype(5), 300, 0.1)[0].numpy(),
+                                  stats.clopper_pearson(5, 300, 0.1)[0].numpy())
+    np.testing.assert_array_equal(
+        stats.cohen_split_bounds(counts.astype(dtype), [0, 0], 0.01)[0].numpy(),
+        stats.cohen_split_bounds(counts, [0, 0], 0.01)[0].numpy())
+
+
+def test_one_alpha_per_image_applies_to_its_row():
+    """Issue: a [batch] alpha was broadcast along the class axis (per class, not per image)."""
+    counts = np.array([[900, 100], [900, 100]])
+    per_image = stats.simultaneous_bounds(counts, np.array([0.1, 1e-9]))[0].numpy()
+    separately = [stats.simultaneous_bounds(counts[i:i + 1], a)[0].numpy()[0]
+                  for i, a in enumerate([0.1, 1e-9])]
+    np.testing.assert_array_equal(per_image, separately)
+    assert per_image[0] > per_image[1]
+
+
 def test_invalid_inputs_are_rejected():
     with pytest.raises(ValueError, match="alpha"):
         stats.clopper_pearson_graph([1], 2, 1.5)

@@ -79,6 +79,16 @@ def _probabilities(p1_lower: TensorLike, p2_upper: TensorLike) -> tuple[tf.Tenso
     return p1, p2
 
 
+def _noise_std(sigma: TensorLike) -> tf.Tensor:
+    """``sigma`` as float64, checked to be finite and > 0 when it is static (a σ <= 0
+    would turn every radius negative or NaN instead of refusing)."""
+    sigma = to_float64(sigma)
+    static = tf.get_static_value(sigma)
+    if static is not None and not np.all(np.isfinite(static) & (static > 0.0)):
+        raise ValueError(f"sigma must be finite and > 0, got {static}")
+    return sigma
+
+
 def _certified(p1: tf.Tensor, p2: tf.Tensor, radius: tf.Tensor) -> tf.Tensor:
     """``radius`` where the certificate is non-empty (p1 > p2), else 0 (no NaN leaks)."""
     return tf.where(p1 > p2, radius, tf.zeros_like(radius))
@@ -208,7 +218,7 @@ def renyi_radius(p1_lower: TensorLike, p2_upper: TensorLike, sigma: TensorLike) 
     """
     p1, p2 = _probabilities(p1_lower, p2_upper)
     sup = tf.maximum(_renyi_sup(p1, p2), 0.0)
-    return _certified(p1, p2, to_float64(sigma) * tf.sqrt(2.0 * sup))
+    return _certified(p1, p2, _noise_std(sigma) * tf.sqrt(2.0 * sup))
 
 
 def cohen_radius(p1_lower: TensorLike, p2_upper: TensorLike, sigma: TensorLike) -> tf.Tensor:
@@ -229,7 +239,7 @@ def cohen_radius(p1_lower: TensorLike, p2_upper: TensorLike, sigma: TensorLike) 
     z1, z2 = tf.math.ndtri(p1), tf.math.ndtri(p2)
     # Near ties the difference cancels: take off its absolute rounding error bound.
     gap = tf.maximum((z1 - z2) - _ROUNDING * (tf.abs(z1) + tf.abs(z2)), 0.0)
-    return _certified(p1, p2, 0.5 * to_float64(sigma) * gap)
+    return _certified(p1, p2, 0.5 * _noise_std(sigma) * gap)
 
 
 def pixeldp_radius(p1_lower: TensorLike, p2_upper: TensorLike, sigma: TensorLike,
@@ -273,7 +283,7 @@ def pixeldp_radius(p1_lower: TensorLike, p2_upper: TensorLike, sigma: TensorLike
     delta = tf.gather(deltas, tf.maximum(index, 0))
     radius = eps / tf.sqrt(2.0 * tf.math.log(1.25 / delta)) * (1.0 - _ROUNDING)
     best = tf.reduce_max(tf.where(index >= 0, radius, tf.zeros_like(radius)), axis=-1)
-    return _certified(p1, p2, to_float64(sigma) * best)
+    return _certified(p1, p2, _noise_std(sigma) * best)
 
 
 def gaussian_kl_bound(eps: TensorLike, num_pixels: TensorLike, channels: TensorLike,
@@ -291,5 +301,6 @@ def gaussian_kl_bound(eps: TensorLike, num_pixels: TensorLike, channels: TensorL
 
     >>> tfcert.bounds.gaussian_kl_bound(0.1, 28 * 28, 1, 0.15)   # 784 · 0.01 / 0.045
     """
-    eps, n, q, sigma = (to_float64(v) for v in (eps, num_pixels, channels, sigma))
+    eps, n, q = (to_float64(v) for v in (eps, num_pixels, channels))
+    sigma = _noise_std(sigma)
     return n * q * tf.square(eps) / (2.0 * tf.square(sigma))

@@ -97,6 +97,14 @@ def complement_up(x: TensorLike) -> tf.Tensor:
     return tf.where(1.0 - u > x, u + 2.0 ** -53, u)
 
 
+def as_counts(counts: TensorLike) -> tf.Tensor:
+    """``counts`` as a tensor, integer dtypes widened to int64 before any sum or cast:
+    uint8 / int16 counts would otherwise wrap around (n = 300 read as 44) and give
+    bounds that certify where they must abstain."""
+    counts = tf.convert_to_tensor(counts)
+    return tf.cast(counts, tf.int64) if counts.dtype.is_integer else counts
+
+
 def _level(alpha: TensorLike) -> tf.Tensor:
     """``alpha`` as a float64 tensor, checked to lie in (0, 1) when it is static."""
     alpha = to_float64(alpha)
@@ -122,7 +130,7 @@ def _safe_level(a: tf.Tensor, b: tf.Tensor, alpha: tf.Tensor) -> tf.Tensor:
 def _clopper_pearson(counts: TensorLike, n: TensorLike, alpha: TensorLike,
                      lower_quantile: _LowerQuantile) -> tuple[tf.Tensor, tf.Tensor]:
     """One-sided Clopper-Pearson bounds as lower Beta quantiles (module docstring)."""
-    k = tf.convert_to_tensor(counts)
+    k = as_counts(counts)
     n = tf.cast(tf.convert_to_tensor(n), k.dtype)
     checks = [tf.debugging.assert_non_negative(k, message="counts must be >= 0"),
               tf.debugging.assert_less_equal(k, n, message="counts must be <= n")]
@@ -242,16 +250,20 @@ def simultaneous_bounds(counts: TensorLike,
 
     Args:
         counts: int ``[batch, k]`` vote counts (the sample size n is their row sum).
-        alpha: total level in (0, 1).
+        alpha: total level in (0, 1): a scalar, or one per image (``[batch]`` or
+            ``[batch, 1]``).
 
     Returns:
         ``(p1_lower, p2_upper, top)``: float64 ``[batch]``, float64 ``[batch]``,
         int64 ``[batch]``.
     """
-    counts = tf.convert_to_tensor(counts)
+    counts = as_counts(counts)
     num_classes = tf.cast(tf.shape(counts)[-1], tf.float64)
     n = tf.reduce_sum(counts, axis=-1, keepdims=True)
-    lower, upper = clopper_pearson_graph(counts, n, _level(alpha) / (2.0 * num_classes))
+    level = _level(alpha)
+    if level.shape.rank == 1:  # one level per image applies to all k classes of its row
+        level = level[:, tf.newaxis]
+    lower, upper = clopper_pearson_graph(counts, n, level / (2.0 * num_classes))
     return top_class_bounds(counts, lower, upper)
 
 
@@ -286,7 +298,7 @@ def cohen_split_bounds(counts_estimation: TensorLike, selected_class: TensorLike
     Returns:
         ``(p1_lower, p2_upper)``, float64 ``[batch]`` each.
     """
-    counts = tf.convert_to_tensor(counts_estimation)
+    counts = as_counts(counts_estimation)
     selected = tf.gather(counts, tf.cast(selected_class, tf.int64), axis=-1, batch_dims=1)
     p1_lower, _ = clopper_pearson_graph(selected, tf.reduce_sum(counts, axis=-1), alpha)
     return p1_lower, complement_up(p1_lower)
