@@ -66,6 +66,19 @@ def test_attack_streams_resumes_extends_and_analyzes(digits_model, tmp_path):
     assert compare.returncode == 0, compare.stderr
     assert (tmp_path / "cmp" / "robust_accuracy_compare.png").exists()
 
+    # Issue: --analyze drew a killed run's curve with ε values measured on different images.
+    unfinished = tmp_path / "unfinished" / "attack.tsv"
+    unfinished.parent.mkdir()
+    unfinished.write_text("".join(tsv.read_text().splitlines(keepends=True)[:60]))
+    refused = attack(f"--analyze={unfinished}", f"--output_dir={tmp_path / 'cmp2'}")
+    assert "is unfinished (rows per ε: " in one_line_error(refused)
+    wrong_kind = attack(f"--analyze={out / 'config.json'}", f"--output_dir={tmp_path / 'cmp2'}")
+    assert "is not an attack.tsv" in one_line_error(wrong_kind)
+    certify_it = subprocess.run([sys.executable, "certify.py", f"--analyze={tsv}",
+                                 f"--output_dir={tmp_path / 'cmp3'}"], cwd=ROOT,
+                                capture_output=True, text=True, timeout=600)
+    assert "is not a certify.tsv" in one_line_error(certify_it)
+
 
 @pytest.mark.slow
 def test_minimum_norm_attack_serves_every_eps(digits_model, tmp_path):

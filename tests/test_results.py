@@ -99,3 +99,24 @@ def test_compared_runs_get_one_colour_per_run_and_one_dash_per_bound(tmp_path):
     path = tmp_path / "compare.png"
     plot_curves(grid, {name: 1.0 - grid for name in styles}, str(path), styles=styles)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_result_file_without_its_config_is_refused(tmp_path):
+    """Issue: rows copied into a folder without config.json were reused unchecked."""
+    (tmp_path / "certify.tsv").write_text("index\tlabel\n0\t1\n")
+    with pytest.raises(results.RunConfigMismatchError, match="no config.json"):
+        results.prepare_run_dir(str(tmp_path), {"sigma": 0.5}, set(), results_file="certify.tsv")
+    assert not (tmp_path / "config.json").exists()
+
+
+def test_the_lock_is_taken_before_the_config_is_written(tmp_path):
+    """Issue: a refused second process had already rewritten the running one's config.json."""
+    run = tmp_path / "new" / "run"
+    lock = results.lock_run_dir(str(run))  # creates the folder
+    results.prepare_run_dir(str(run), {"sigma": 0.5}, set())
+    with pytest.raises(results.RunConfigMismatchError, match="another process"):
+        results.lock_run_dir(str(run))
+    lock.close()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(results.RunConfigMismatchError, match="cannot use"):
+        results.lock_run_dir(str(tmp_path / "file"))

@@ -155,8 +155,9 @@ def certify_dataset(options, config: dict[str, Any], defaults: dict[str, Any]) -
     indices, _, _, meta = cli.select_examples(options)
     cli.check_model_fits(cli.load_model(options.model), meta, options.model, options.dataset)
     config = {**config, "model_sha256": cli.file_sha256(options.model)}
-    results.prepare_run_dir(options.output_dir, config, certification.OPERATIONAL, defaults)
     lock = results.lock_run_dir(options.output_dir)
+    results.prepare_run_dir(options.output_dir, config, certification.OPERATIONAL, defaults,
+                            certification.TSV)
     task = CertifyTask(worker_options(config), certification.table_columns(certifier),
                        options.images_per_step)
     table = results.ResultTable(os.path.join(options.output_dir, certification.TSV),
@@ -165,7 +166,8 @@ def certify_dataset(options, config: dict[str, Any], defaults: dict[str, Any]) -
                          json.dumps({"indices": [int(i) for i in indices]}) + "\n")
     wanted = [str(i) for i in indices]
     rows = run_steps(task, pipeline_options, options.output_dir, table, wanted,
-                     lambda: certification.remove_summaries(options.output_dir))
+                     lambda: results.remove_files(options.output_dir,
+                                                  certification.SUMMARY_FILES))
     certifier.summarize([rows[i] for i in wanted], options.output_dir)
     lock.close()
 

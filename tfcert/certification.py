@@ -61,15 +61,15 @@ def certify_dataset(options, config: dict[str, Any], defaults: dict[str, Any]) -
     model = cli.load_model(options.model)
     cli.check_model_fits(model, meta, options.model, options.dataset)
     config = {**config, "model_sha256": cli.file_sha256(options.model)}
-    results.prepare_run_dir(options.output_dir, config, OPERATIONAL, defaults)
     lock = results.lock_run_dir(options.output_dir)
+    results.prepare_run_dir(options.output_dir, config, OPERATIONAL, defaults, TSV)
     table = results.ResultTable(os.path.join(options.output_dir, TSV), table_columns(certifier),
                                 "index")
     results.write_atomic(os.path.join(options.output_dir, SELECTION_FILE),
                          json.dumps({"indices": [int(i) for i in indices]}) + "\n")
     todo = [i for i, index in enumerate(indices) if str(index) not in table.done]
     if todo:
-        remove_summaries(options.output_dir)
+        results.remove_files(options.output_dir, SUMMARY_FILES)
         certifier.setup(model, meta.num_classes)
     progress = cli.Progress(len(indices), "certified", len(indices) - len(todo))
     for start in range(0, len(todo), options.images_per_step):
@@ -124,8 +124,8 @@ def merge_runs(run_dirs: Sequence[str], output_dir: str, options_override=None) 
         columns = columns or list(next(iter(shard_rows.values())))
     merged = {**first, "num_shards": 1, "shard_index": 0, "merge": list(run_dirs),
               "output_dir": output_dir}
-    results.prepare_run_dir(output_dir, merged, OPERATIONAL)  # refuses another run's folder
     lock = results.lock_run_dir(output_dir)
+    results.prepare_run_dir(output_dir, merged, OPERATIONAL)  # refuses another run's folder
     ordered = [rows[i] for i in sorted(rows, key=int)]
     text = "\t".join(columns) + "\n" + "".join("\t".join(r[c] for c in columns) + "\n"
                                                for r in ordered)
@@ -156,14 +156,6 @@ def certify_step(certifier, images: np.ndarray, labels: np.ndarray,
 def make_certifier(options):
     """The certifier of ``options.defense``: ℓ2 radii for gaussian, KL otherwise."""
     return L2Certifier(options) if options.defense == "gaussian" else KLCertifier(options)
-
-
-def remove_summaries(output_dir: str) -> None:
-    """Deletes the summary files of an earlier completion (they would look current)."""
-    for name in SUMMARY_FILES:
-        path = os.path.join(output_dir, name)
-        if os.path.exists(path):
-            os.remove(path)
 
 
 class L2Certifier:
@@ -428,8 +420,10 @@ def analyze(paths: Sequence[str], o) -> None:
     against the ℓ2 radius for Gaussian runs, against ℓ∞ ε for KL (RandDisc) runs."""
     runs = []
     for path, label in zip(paths, run_labels(paths)):
-        rows = results.read_tsv(path)
+        rows = [r for r in results.read_tsv(path) if None not in r.values()]  # no torn line
         cli.require(bool(rows), f"{path} has no rows yet")
+        cli.require(any(c.startswith(("radius_", "certified_")) for c in rows[0]),
+                    f"{path} is not a {TSV} of certify.py (columns {', '.join(rows[0])})")
         config_path = os.path.join(os.path.dirname(path), "config.json")
         config = results.read_config(config_path) if os.path.exists(config_path) else {}
         if "sigma" in config:

@@ -268,9 +268,13 @@ def export_saved_model(smoothed: SmoothedClassifier, path: str, num_samples: int
             raise ValueError(f"the exported graph contains ops TF Serving must not run: "
                              f"{sorted(bad)} (Python functions or XLA in the base model?)")
         write_warmup_requests(saved, config.model_name)
-        if os.path.isdir(path):
-            os.rmdir(path)
-        os.rename(saved, path)
+        try:
+            if os.path.isdir(path):
+                os.rmdir(path)
+            os.rename(saved, path)
+        except OSError as err:  # another export took the version meanwhile
+            raise FileExistsError(f"{path} was written by another export meanwhile ({err}); "
+                                  "choose a new version directory") from err
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return config

@@ -21,7 +21,8 @@ class RunConfigMismatchError(RuntimeError):
 
 
 def prepare_run_dir(output_dir: str, config: Mapping[str, Any], operational: Iterable[str],
-                    defaults: Mapping[str, Any] | None = None) -> None:
+                    defaults: Mapping[str, Any] | None = None,
+                    results_file: str | None = None) -> None:
     """Checks ``output_dir`` against ``config``, then creates it and its ``config.json``.
 
     Every setting of ``config`` except the ``operational`` ones (scheduling, output and
@@ -35,9 +36,19 @@ def prepare_run_dir(output_dir: str, config: Mapping[str, Any], operational: Ite
         config: the full configuration (JSON-serialisable), e.g. every flag.
         operational: names of the settings that may change between resumes.
         defaults: values of settings an older run did not record.
+        results_file: the run's result file (e.g. ``certify.tsv``): one without a
+            ``config.json`` beside it cannot be checked, and is refused.
+
+    Take the folder's lock (`lock_run_dir`) first: a refused second process then never
+    rewrites the running one's ``config.json``.
     """
     path = os.path.join(output_dir, "config.json")
     config = json.loads(json.dumps(dict(config), default=str))  # as it reads back
+    if results_file and not os.path.exists(path) and os.path.exists(
+            os.path.join(output_dir, results_file)):
+        raise RunConfigMismatchError(
+            f"{output_dir} holds a {results_file} but no config.json, so its rows cannot be "
+            "checked against these settings; choose another --output_dir")
     if os.path.exists(path):
         old = read_config(path)
         skip, defaults = set(operational), dict(defaults or {})
@@ -75,10 +86,14 @@ def write_atomic(path: str, text: str) -> None:
 
 
 def lock_run_dir(output_dir: str):
-    """Takes an exclusive lock on ``output_dir`` for this process (released at exit, also
-    when killed); a second process writing the same run is refused."""
+    """Takes an exclusive lock on ``output_dir`` (created if needed) for this process
+    (released at exit, also when killed); a second process writing the same run is refused."""
     import fcntl
 
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+    except OSError as err:  # e.g. a file of that name
+        raise RunConfigMismatchError(f"cannot use {output_dir} as the output folder ({err})")
     handle = open(os.path.join(output_dir, ".lock"), "w")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -88,6 +103,15 @@ def lock_run_dir(output_dir: str):
             f"another process is writing the run in {output_dir}; wait for it or choose "
             "another --output_dir") from err
     return handle
+
+
+def remove_files(output_dir: str, names: Iterable[str]) -> None:
+    """Deletes ``names`` in ``output_dir`` (an earlier completion's summaries: once new rows
+    are on the way they would look current)."""
+    for name in names:
+        path = os.path.join(output_dir, name)
+        if os.path.exists(path):
+            os.remove(path)
 
 
 def _show(value: Any) -> str:
@@ -154,7 +178,7 @@ class ResultTable:
 
 def read_tsv(path: str) -> list[dict[str, str]]:
     """Reads a TSV written by `ResultTable` into a list of dicts of strings."""
-    if not os.path.exists(path):
+    if not os.path.isfile(path):
         raise FileNotFoundError(f"no such result file: {path}")
     with open(path, newline="") as f:
         return list(csv.DictReader(f, delimiter="\t"))

@@ -50,6 +50,7 @@ MINIMUM_NORM = ("cw_l2", "boundary")
 DEFAULT_STEPS = {"pgd_linf": 40, "pgd_l2": 40, "transfer": 40, "cw_l2": 100, "boundary": 1000}
 
 TSV = "attack.tsv"
+SUMMARY_FILES = ("summary.txt", "robust_accuracy.tsv", "robust_accuracy.png")
 UNIT = "attacked (ε, example) pairs"
 COLUMNS = ["key", "eps", "index", "label", "clean_prediction", "adv_prediction", "distance",
            "robust", "seconds"]
@@ -120,8 +121,9 @@ def sweep(o, grid: list[float]) -> None:
         cli.check_model_fits(source, meta, o.source_model, o.dataset)
     config = run_config(o, cli.script_flags())
     check_randomness(o.output_dir)
-    results.prepare_run_dir(o.output_dir, config, OPERATIONAL, cli.flag_defaults())
     lock = results.lock_run_dir(o.output_dir)
+    results.prepare_run_dir(o.output_dir, config, OPERATIONAL, cli.flag_defaults(), TSV)
+    results.remove_files(o.output_dir, SUMMARY_FILES)  # rewritten once every row is in
     table = results.ResultTable(os.path.join(o.output_dir, TSV), COLUMNS, "key")
     if pipeline_options is not None:
         task = AttackTask(beam_pipeline.worker_options(config), grid, indices)
@@ -390,6 +392,7 @@ def summarize(o, rows, indices, grid) -> None:
     """Prints and writes the robust-accuracy table, its TSV and plot."""
     import numpy as np
 
+    from tfcert import results
     from tfcert.analysis import format_table, plot_curves
 
     accuracy = robust_curve(rows, indices, grid)
@@ -403,14 +406,33 @@ def summarize(o, rows, indices, grid) -> None:
     xlabel = f"ℓ{'∞' if attack_norm(o) == 'inf' else '2'} ε"
     text = format_table(grid, {name: accuracy}, header="ε")
     print(f"{header}\nrobust accuracy:\n{text}")
-    with open(os.path.join(o.output_dir, "summary.txt"), "w") as f:
-        f.write(f"{header}\n{text}\n")
-    with open(os.path.join(o.output_dir, "robust_accuracy.tsv"), "w") as f:
-        f.write("eps\trobust_accuracy\n")
-        f.writelines(f"{e:g}\t{a:.6g}\n" for e, a in zip(grid, accuracy))
+    results.write_atomic(os.path.join(o.output_dir, "summary.txt"), f"{header}\n{text}\n")
+    results.write_atomic(os.path.join(o.output_dir, "robust_accuracy.tsv"),
+                         "eps\trobust_accuracy\n"
+                         + "".join(f"{e:g}\t{a:.6g}\n" for e, a in zip(grid, accuracy)))
     plot_curves(grid, {name: accuracy}, os.path.join(o.output_dir, "robust_accuracy.png"),
                 xlabel=xlabel, ylabel="robust accuracy", title=header.split(";")[0])
     print(f"wrote {o.output_dir}/attack.tsv, robust_accuracy.tsv, robust_accuracy.png")
+
+
+def finished_rows(path: str) -> list[dict[str, str]]:
+    """The complete rows of an ``attack.tsv`` (a torn last line dropped), refused with a
+    one-line error if the file is not one or if its ε values cover different examples
+    (an interrupted run: its curve would mix ε values measured on different images)."""
+    from tfcert import results
+
+    rows = [r for r in results.read_tsv(path) if None not in r.values()]
+    cli.require(bool(rows), f"{path} has no rows yet")
+    cli.require(set(COLUMNS) <= set(rows[0]), f"{path} is not an {TSV} of tfcert-attack "
+                f"(columns {', '.join(rows[0])})")
+    examples: dict[str, set[str]] = {}
+    for r in rows:
+        examples.setdefault(r["eps"], set()).add(r["index"])
+    cli.require(len({frozenset(v) for v in examples.values()}) == 1,
+                f"{path} is unfinished (rows per ε: " + ", ".join(
+                    f"{e}: {len(v)}" for e, v in examples.items())
+                + "): rerun its command to finish it, then analyze")
+    return rows
 
 
 def analyze(o, paths: list[str]) -> None:
@@ -422,8 +444,7 @@ def analyze(o, paths: list[str]) -> None:
 
     curves = {}
     for path in paths:
-        rows = results.read_tsv(path)
-        cli.require(bool(rows), f"{path} has no rows yet")
+        rows = finished_rows(path)
         config_path = os.path.join(os.path.dirname(path), "config.json")
         config = results.read_config(config_path) if os.path.exists(config_path) else {}
         label = (f"{config['defense']}/{config['attack']}" if "defense" in config

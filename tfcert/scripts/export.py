@@ -80,7 +80,7 @@ def run(argv: list[str]) -> None:
 
     try:
         path = export.versioned_path(FLAGS.base_dir, FLAGS.name, FLAGS.version)
-    except ValueError as err:
+    except (ValueError, OSError) as err:
         raise cli.CliError(str(err)) from err
     model = cli.load_model(FLAGS.model)
     image_shape, num_classes = model_geometry(model)
@@ -93,7 +93,7 @@ def run(argv: list[str]) -> None:
             predict_num_samples=FLAGS.predict_num_samples, image_shape=image_shape,
             serving_device=FLAGS.serving_device, model_name=FLAGS.name, metadata=metadata,
             first_checkpoint=FLAGS.first_checkpoint, checkpoint_growth=FLAGS.checkpoint_growth)
-    except (ValueError, FileExistsError) as err:
+    except (ValueError, OSError) as err:  # OSError: version taken, --base_dir not a folder
         raise cli.CliError(str(err)) from err
     print(export.signature_summary(path))
     print(f"baked in: n={config.num_samples}, predict n={config.predict_num_samples}, "
