@@ -420,7 +420,7 @@ def analyze(paths: Sequence[str], o) -> None:
     against the ℓ2 radius for Gaussian runs, against ℓ∞ ε for KL (RandDisc) runs."""
     runs = []
     for path, label in zip(paths, run_labels(paths)):
-        rows = [r for r in results.read_tsv(path) if None not in r.values()]  # no torn line
+        rows = results.read_tsv(path)
         cli.require(bool(rows), f"{path} has no rows yet")
         cli.require(any(c.startswith(("radius_", "certified_")) for c in rows[0]),
                     f"{path} is not a {TSV} of certify.py (columns {', '.join(rows[0])})")

@@ -10,6 +10,7 @@ run directory made with a different configuration is refused rather than mixed.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import sys
@@ -177,11 +178,13 @@ class ResultTable:
 
 
 def read_tsv(path: str) -> list[dict[str, str]]:
-    """Reads a TSV written by `ResultTable` into a list of dicts of strings."""
+    """Reads a TSV written by `ResultTable` into a list of dicts of strings: its complete
+    lines (a torn last line of an interrupted write, without its newline, is left out)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such result file: {path}")
     with open(path, newline="") as f:
-        return list(csv.DictReader(f, delimiter="\t"))
+        text = f.read()
+    return list(csv.DictReader(io.StringIO(text[: text.rfind("\n") + 1]), delimiter="\t"))
 
 
 def _format(value: Any) -> str:

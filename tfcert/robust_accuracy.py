@@ -416,12 +416,12 @@ def summarize(o, rows, indices, grid) -> None:
 
 
 def finished_rows(path: str) -> list[dict[str, str]]:
-    """The complete rows of an ``attack.tsv`` (a torn last line dropped), refused with a
+    """The complete rows of an ``attack.tsv`` (`results.read_tsv`), refused with a
     one-line error if the file is not one or if its ε values cover different examples
     (an interrupted run: its curve would mix ε values measured on different images)."""
     from tfcert import results
 
-    rows = [r for r in results.read_tsv(path) if None not in r.values()]
+    rows = results.read_tsv(path)
     cli.require(bool(rows), f"{path} has no rows yet")
     cli.require(set(COLUMNS) <= set(rows[0]), f"{path} is not an {TSV} of tfcert-attack "
                 f"(columns {', '.join(rows[0])})")

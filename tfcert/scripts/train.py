@@ -160,10 +160,8 @@ def run(argv: list[str]) -> None:
         os.path.join(FLAGS.output_dir, name) for name in (
             "log.csv", "best.weights.h5", "backup", "model.keras", "metrics.json"))
     if not os.path.isdir(backup_dir):  # a new run replaces what a finished one left
-        for stale in (log_path, best_path, model_path, metrics_path,
-                      os.path.join(FLAGS.output_dir, "config.json")):
-            if os.path.exists(stale):
-                os.remove(stale)
+        results.remove_files(FLAGS.output_dir, ("log.csv", "best.weights.h5", "model.keras",
+                                                "metrics.json", "config.json"))
     # resuming an interrupted run with other settings is refused before anything is written
     results.prepare_run_dir(FLAGS.output_dir, {**cli.script_flags(), "model": model_name},
                             OPERATIONAL, cli.flag_defaults())
