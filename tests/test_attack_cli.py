@@ -3,12 +3,13 @@
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from conftest import ROOT
-from tfcert import results
+from tfcert import cli, results, robust_accuracy
 
 
 def attack(*args):
@@ -101,12 +102,27 @@ def test_minimum_norm_attack_serves_every_eps(digits_model, tmp_path):
     (["--eps=abc"], "--eps"),
     (["--eps=0.1", "--attack=transfer"], "--source_model"),
     (["--eps=0.1", "--defense=smoothed"], "--sigma"),
+    # Issue 25: an infinite ℓ2 budget was attacked and reported 0% robust accuracy; a
+    # non-finite --step_size reached the attack.
+    (["--attack=pgd_l2", "--eps=0.5,inf"], "--eps must be a comma list of finite budgets"),
+    (["--eps=0.1", "--step_size=inf"], "--step_size must be a finite number"),
 ])
 def test_bad_flags_give_one_line_errors(digits_model, tmp_path, args, message):
     proc = attack(f"--model={digits_model}", "--dataset=digits",
                   f"--output_dir={tmp_path / 'bad'}", *args)
     assert message in one_line_error(proc)
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("attack, norm", [("pgd_l2", "inf"), ("cw_l2", "inf"),
+                                          ("boundary", "inf"), ("transfer", "2"),
+                                          ("pgd_linf", "inf")])
+@pytest.mark.parametrize("eps", ["inf", "nan", "-inf", "1e400", "0.1,nan", "-0.1", "0.2,-1"])
+def test_non_finite_or_negative_eps_is_refused(attack, norm, eps):
+    """Issue 25 (in-process: the check `run` makes before any output)."""
+    options = SimpleNamespace(eps=eps.split(","), attack=attack, transfer_norm=norm)
+    with pytest.raises(cli.CliError, match=f"finite budgets >= 0 .*, got {eps}$"):
+        robust_accuracy.eps_grid(options)
 
 
 @pytest.mark.parametrize("changed, shown", [("--split=train", "--split (test -> train)"),

@@ -201,6 +201,26 @@ def test_pgd_rejects_bad_arguments(model, test_set, kwargs):
         pgd(model, test_set[0][:2], test_set[1][:2], 0.1, **kwargs)
 
 
+@pytest.mark.parametrize("attack, kwargs, name", [
+    (pgd, {"eps": float("inf"), "norm": "2"}, "eps"),
+    (pgd, {"eps": float("inf")}, "eps"),
+    (pgd, {"eps": np.float32("nan")}, "eps"),
+    (pgd, {"eps": 0.1, "step_size": float("inf")}, "step_size"),
+    (pgd, {"eps": 0.1, "step_size": float("nan")}, "step_size"),
+    (pgd, {"eps": 0.1, "loss": "cw", "confidence": float("inf")}, "confidence"),
+    (carlini_wagner_l2, {"confidence": float("nan")}, "confidence"),
+    (carlini_wagner_l2, {"initial_const": float("inf")}, "initial_const"),
+    (carlini_wagner_l2, {"learning_rate": float("nan")}, "learning_rate"),
+    (boundary_attack, {"spherical_step": float("inf")}, "spherical_step"),
+    (boundary_attack, {"step_adaptation": float("inf")}, "step_adaptation"),
+])
+def test_non_finite_arguments_are_refused_by_name(test_set, attack, kwargs, name):
+    """Issue 25: PGD attacked an infinite ℓ2 ball (random start ±inf, every image lost)."""
+    untrained = models.small_cnn()  # never called: the check comes first
+    with pytest.raises(ValueError, match=f"^{name} must be a finite number"):
+        attack(untrained, test_set[0][:2], test_set[1][:2], steps=1, **kwargs)
+
+
 @pytest.mark.parametrize("layer", [RandomizedDiscretization, RandomizedMixture])
 def test_eot_pgd_moves_through_randomized_discretization(model, test_set, layer):
     """BPDA: RandDisc's straight-through gradient is RandMix's; both defenses fall."""

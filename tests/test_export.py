@@ -684,6 +684,48 @@ def test_export_argument_checks(tmp_path):
     assert not os.path.exists(path)
 
 
+# An exporter that has started its partial folder (as `export_saved_model` does) and is
+# still writing: prints the folder, then waits to be killed.
+EXPORTER = r'''
+import os, sys, time
+from tfcert import export
+partial, lock = export._start_partial(sys.argv[1], sys.argv[2])
+os.makedirs(os.path.join(partial, "saved_model", "variables"))
+print(partial, flush=True)
+time.sleep(600)
+'''
+
+
+def test_a_killed_exports_partial_folder_is_removed_by_the_next_export_a_running_ones_kept(
+        tmp_path):
+    """Issue 25: a killed export left a hidden ``.<version>.partial-*`` folder for good."""
+    parent = tmp_path / "m"
+    parent.mkdir()
+    exporters = [subprocess.Popen([sys.executable, "-c", EXPORTER, str(parent), version],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, cwd=ROOT)
+                 for version in ("3", "4")]
+    try:
+        killed, running = [process.stdout.readline().strip() for process in exporters]
+        assert killed and running, [process.stderr.read()[-2000:] for process in exporters]
+        exporters[0].kill()
+        exporters[0].wait()
+        old = parent / ".2.partial-k1ll3d"  # as a killed export of an earlier tfcert left it
+        (old / "saved_model").mkdir(parents=True)
+        (old / "tfcert_config.json").write_text("{}")
+        smoothed = SmoothedClassifier(models.small_cnn(), 10, GaussianNoise(SIGMA))
+        export.export_saved_model(smoothed, str(parent / "5"), 10, ALPHA)
+        assert sorted(os.listdir(parent)) == sorted(["5", os.path.basename(running)])
+        assert os.path.isdir(os.path.join(running, "saved_model", "variables"))
+    finally:
+        for process in exporters:
+            process.kill()
+            process.communicate()
+    partial, lock = export._start_partial(str(parent), "6")  # once it is gone, it goes too
+    lock.close()
+    assert sorted(os.listdir(parent)) == sorted(["5", os.path.basename(partial)])
+
+
 def _load_script(name: str):
     """export/<name>.py as a module (the folder is not a package; as when run as a script,
     its own folder is on sys.path)."""

@@ -171,7 +171,7 @@ def test_sampling_runs_in_one_graph_for_large_n():
     sc = SmoothedClassifier(model, 2, GaussianNoise(0.5), batch_size=256)
     counts = sc.sample_counts(np.full((3, *SHAPE), 0.9, np.float32), 50_000, seed=0)
     np.testing.assert_array_equal(counts.sum(axis=1), 50_000)
-    assert sc._count_fn.experimental_get_tracing_count() == 1
+    assert sc._counter(SHAPE).experimental_get_tracing_count() == 1
 
 
 def test_radii_use_the_sigma_the_noise_is_drawn_with():

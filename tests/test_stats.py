@@ -209,11 +209,15 @@ def test_graph_twin_agrees_with_tfp():
 
 @pytest.mark.parametrize("cp", CP_FUNCTIONS)
 def test_clopper_pearson_broadcasts_and_accepts_tensors(cp):
+    """counts and n broadcast as numpy does; a vector α is one level per image (the
+    leading axis, docs/SOUNDNESS.md §2), not broadcast along the last axis."""
     counts = tf.constant([[3], [9]], tf.int32)
-    alpha = np.array([0.1, 0.01, 0.001])
-    lower, upper = cp(counts, tf.constant(10, tf.int64), alpha)
+    n = tf.constant([10, 20, 30], tf.int64)
+    alpha = np.array([0.1, 0.001])
+    lower, upper = cp(counts, n, alpha)
     assert lower.shape == (2, 3) and upper.shape == (2, 3)
-    ref_lower, ref_upper = scipy_clopper_pearson(np.array([[3], [9]]), 10, alpha)
+    ref_lower, ref_upper = scipy_clopper_pearson(np.array([[3], [9]]), np.array([10, 20, 30]),
+                                                 alpha[:, None])
     np.testing.assert_allclose(lower, ref_lower, atol=1e-10)
     np.testing.assert_allclose(upper, ref_upper, atol=1e-10)
 

@@ -6,16 +6,21 @@ level σ, and returns the ℓ2 radius (float64 tensor) within which the smoothed
 provably keeps its prediction.  The functions
 
 * accept numpy arrays, Python floats or tensors and broadcast them;
+* take probabilities only: ``p1_lower`` and ``p2_upper`` in [0, 1] and σ finite and
+  > 0; anything else (above 1, negative, NaN, ±inf) is a ``ValueError`` naming the
+  argument when it is static, and a failing ``tf.debugging`` assertion
+  (``InvalidArgumentError``) inside ``tf.function`` or a SavedModel, never a number;
 * use core TensorFlow ops only, with fixed-iteration loops, so they run eagerly, inside
   ``tf.function`` with unknown batch size, and inside an exported SavedModel;
-* return 0 where the certificate is empty (``p1_lower <= p2_upper``), never NaN;
+* return 0 where the certificate is empty (``p1_lower <= p2_upper`` as given, before
+  the cap below), never NaN;
 * never overestimate: inputs are made *more* conservative before use, never less.
   ``p1_lower`` is clipped to at most 1 − 2⁻⁵³ (the largest float64 below 1; a
   Clopper-Pearson lower bound is < 1 for any finite n), which keeps every radius finite
   (at most ≈ 8.6σ).  ``p2_upper`` is capped at ``1 − p1_lower`` (rounded up,
   :func:`tfcert.stats.complement_up`): the runner-up cannot hold more mass than the top
   class leaves, so this is valid whenever ``p1_lower`` is, and it only enlarges the
-  radius of inconsistent inputs;
+  radius of inconsistent inputs that still certify (``p1_lower > p2_upper``);
 * are sound in float64 for the given (float) inputs, not only in exact arithmetic: the
   Rényi exponent is evaluated without cancellation and rounded down by a margin that
   covers its rounding error (:data:`_RENYI_ROUNDING`); the Cohen radius and the PixelDP
@@ -30,6 +35,7 @@ from typing import NamedTuple
 import numpy as np
 import tensorflow as tf
 
+from tfcert import stats
 from tfcert.stats import TensorLike, complement_up, to_float64
 
 # Largest float64 below 1 and its complement 2**-53 (see the module docstring).
@@ -70,28 +76,30 @@ PIXELDP_EPS_GRID = np.linspace(0.01, 1.0, 100)
 PIXELDP_DELTA_GRID = np.geomspace(1e-12, 0.5, 241)
 
 
-def _probabilities(p1_lower: TensorLike, p2_upper: TensorLike) -> tuple[tf.Tensor, tf.Tensor]:
-    """float64 ``(p1, p2)`` broadcast together and made conservative (module docstring)."""
-    p1, p2 = to_float64(p1_lower), to_float64(p2_upper)
+def _probabilities(p1_lower: TensorLike,
+                   p2_upper: TensorLike) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """float64 ``(p1, p2, certified)`` broadcast together: the inputs checked to be
+    probabilities (:func:`tfcert.stats.check_probability`), ``certified = p1_lower >
+    p2_upper`` as given, then both made conservative (module docstring)."""
+    p1 = stats.check_probability(p1_lower, "p1_lower")
+    p2 = stats.check_probability(p2_upper, "p2_upper")
     p1, p2 = p1 + tf.zeros_like(p2), p2 + tf.zeros_like(p1)
-    p1 = tf.clip_by_value(p1, 0.0, _MAX_P1)
-    p2 = tf.minimum(tf.clip_by_value(p2, 0.0, 1.0), complement_up(p1))
-    return p1, p2
+    certified = p1 > p2  # before the cap below, which may lower p2 under p1
+    p1 = tf.minimum(p1, _MAX_P1)
+    return p1, tf.minimum(p2, complement_up(p1)), certified
 
 
 def _noise_std(sigma: TensorLike) -> tf.Tensor:
-    """``sigma`` as float64, checked to be finite and > 0 when it is static (a σ <= 0
-    would turn every radius negative or NaN instead of refusing)."""
-    sigma = to_float64(sigma)
-    static = tf.get_static_value(sigma)
-    if static is not None and not np.all(np.isfinite(static) & (static > 0.0)):
-        raise ValueError(f"sigma must be finite and > 0, got {static}")
-    return sigma
+    """``sigma`` as float64, checked to be finite and > 0 (:func:`tfcert.stats.checked`:
+    at once when static, by an assertion in a graph): a σ <= 0 would turn every radius
+    negative or NaN instead of refusing."""
+    return stats.checked(to_float64(sigma), lambda s: (s > 0.0) & (s < np.inf),
+                         "sigma must be finite and > 0")
 
 
-def _certified(p1: tf.Tensor, p2: tf.Tensor, radius: tf.Tensor) -> tf.Tensor:
-    """``radius`` where the certificate is non-empty (p1 > p2), else 0 (no NaN leaks)."""
-    return tf.where(p1 > p2, radius, tf.zeros_like(radius))
+def _certified(certified: tf.Tensor, radius: tf.Tensor) -> tf.Tensor:
+    """``radius`` where the certificate is non-empty, else 0 (no NaN leaks)."""
+    return tf.where(certified, radius, tf.zeros_like(radius))
 
 
 class _RenyiTerms(NamedTuple):
@@ -212,13 +220,18 @@ def renyi_radius(p1_lower: TensorLike, p2_upper: TensorLike, sigma: TensorLike) 
     Returns:
         float64 tensor of the broadcast shape; 0 where ``p1_lower <= p2_upper``.
 
+    Raises:
+        ValueError: a static ``p1_lower`` or ``p2_upper`` outside [0, 1] (or NaN), or a
+            σ that is not finite and > 0; ``tf.errors.InvalidArgumentError`` for the
+            same in a graph (module docstring).
+
     Example:
 
     >>> tfcert.bounds.renyi_radius(0.9, 0.1, 1.0)   # 1.031930
     """
-    p1, p2 = _probabilities(p1_lower, p2_upper)
+    p1, p2, certified = _probabilities(p1_lower, p2_upper)
     sup = tf.maximum(_renyi_sup(p1, p2), 0.0)
-    return _certified(p1, p2, _noise_std(sigma) * tf.sqrt(2.0 * sup))
+    return _certified(certified, _noise_std(sigma) * tf.sqrt(2.0 * sup))
 
 
 def cohen_radius(p1_lower: TensorLike, p2_upper: TensorLike, sigma: TensorLike) -> tf.Tensor:
@@ -234,12 +247,12 @@ def cohen_radius(p1_lower: TensorLike, p2_upper: TensorLike, sigma: TensorLike) 
 
     Args and returns: as :func:`renyi_radius`.
     """
-    p1, p2 = _probabilities(p1_lower, p2_upper)
+    p1, p2, certified = _probabilities(p1_lower, p2_upper)
     p2 = tf.maximum(p2, _MIN_P2_COHEN)
     z1, z2 = tf.math.ndtri(p1), tf.math.ndtri(p2)
     # Near ties the difference cancels: take off its absolute rounding error bound.
     gap = tf.maximum((z1 - z2) - _ROUNDING * (tf.abs(z1) + tf.abs(z2)), 0.0)
-    return _certified(p1, p2, 0.5 * _noise_std(sigma) * gap)
+    return _certified(certified, 0.5 * _noise_std(sigma) * gap)
 
 
 def pixeldp_radius(p1_lower: TensorLike, p2_upper: TensorLike, sigma: TensorLike,
@@ -270,7 +283,7 @@ def pixeldp_radius(p1_lower: TensorLike, p2_upper: TensorLike, sigma: TensorLike
     Returns:
         float64 tensor of the broadcast shape; 0 where no grid pair certifies.
     """
-    p1, p2 = _probabilities(p1_lower, p2_upper)
+    p1, p2, certified = _probabilities(p1_lower, p2_upper)
     eps = tf.constant(np.asarray(eps_grid, np.float64))
     deltas = tf.constant(np.sort(np.asarray(delta_grid, np.float64)))
     # Largest δ allowed by the condition, per (input, ε): δ must be strictly below it.
@@ -283,7 +296,7 @@ def pixeldp_radius(p1_lower: TensorLike, p2_upper: TensorLike, sigma: TensorLike
     delta = tf.gather(deltas, tf.maximum(index, 0))
     radius = eps / tf.sqrt(2.0 * tf.math.log(1.25 / delta)) * (1.0 - _ROUNDING)
     best = tf.reduce_max(tf.where(index >= 0, radius, tf.zeros_like(radius)), axis=-1)
-    return _certified(p1, p2, _noise_std(sigma) * best)
+    return _certified(certified, _noise_std(sigma) * best)
 
 
 def gaussian_kl_bound(eps: TensorLike, num_pixels: TensorLike, channels: TensorLike,
@@ -297,10 +310,18 @@ def gaussian_kl_bound(eps: TensorLike, num_pixels: TensorLike, channels: TensorL
     Returns:
         float64 tensor of the broadcast shape.
 
+    Raises:
+        ValueError: ε not finite and >= 0, pixel or channel counts not whole numbers
+            >= 1, σ not finite and > 0 (``InvalidArgumentError`` in a graph).
+
     Example:
 
     >>> tfcert.bounds.gaussian_kl_bound(0.1, 28 * 28, 1, 0.15)   # 784 · 0.01 / 0.045
     """
-    eps, n, q = (to_float64(v) for v in (eps, num_pixels, channels))
+    eps = stats.checked(to_float64(eps), lambda e: (e >= 0.0) & (e < np.inf),
+                        "eps must be finite and >= 0")
+    n, q = (stats.checked(to_float64(v), lambda c: (c >= 1.0) & (c % 1.0 == 0.0),
+                          f"{name} must be a whole number >= 1")
+            for v, name in ((num_pixels, "num_pixels"), (channels, "channels")))
     sigma = _noise_std(sigma)
     return n * q * tf.square(eps) / (2.0 * tf.square(sigma))

@@ -93,6 +93,16 @@ def _as_float64(*arrays) -> list[np.ndarray]:
     return [np.asarray(a, np.float64) for a in np.broadcast_arrays(*arrays)]
 
 
+def _check_votes(successes, trials, alpha: float) -> None:
+    """The contract of the lower bounds: ``alpha`` a scalar in (0, 1), ``0 <= successes
+    <= trials`` (finite, broadcast together); a ``ValueError`` naming what is off."""
+    if np.ndim(alpha) != 0 or not 0.0 < float(alpha) < 1.0:
+        raise ValueError(f"alpha must be a scalar in (0, 1), got {alpha}")
+    s, n = _as_float64(successes, trials)
+    if not np.all((s >= 0.0) & (s <= n) & (n < np.inf)):
+        raise ValueError("successes must lie in [0, trials] and trials be finite")
+
+
 def check_prior(prior: tuple[float, float]) -> tuple[float, float]:
     """``prior`` as floats (a, b), checked: a >= 1, b > 0 (module docstring, inversion)."""
     a, b = (float(v) for v in prior)
@@ -157,15 +167,18 @@ def mixture_lower(successes, trials, alpha: float,
     alternative q > p₀ (module docstring), found by a sound bisection on ``[0, S/n]``.
 
     Args:
-        successes: S, votes for the class (any shape; may be real in projections).
-        trials: n, broadcastable against ``successes``.
-        alpha: level in (0, 1).
+        successes: S, votes for the class (any shape; may be real in projections),
+            in [0, n].
+        trials: n, broadcastable against ``successes``, finite.
+        alpha: level, a scalar in (0, 1) (a ``ValueError`` otherwise, as for the
+            votes).
         prior: (a, b), a ≥ 1; default `PRIOR`.
 
     Returns:
         float64 lower bounds of the broadcast shape (0 where S = 0).
     """
     prior = check_prior(prior)
+    _check_votes(successes, trials, alpha)
     s, n = _as_float64(successes, trials)
 
     def rejects(p):
@@ -229,9 +242,10 @@ def betting_lower(successes, trials, alpha: float,
     on the mean that holds simultaneously after every look with probability ≥ 1 − α.
 
     Args:
-        successes: [..., J] successes per look (the order of the looks matters).
-        trials: [J] draws per look.
-        alpha: level in (0, 1).
+        successes: [..., J] successes per look (the order of the looks matters), each in
+            [0, its look's draws].
+        trials: [J] draws per look, finite.
+        alpha: level, a scalar in (0, 1) (a ``ValueError`` otherwise, as for the votes).
         truncation: c in (0, 1) of the bets ``min(λ, c/m)``; default `BET_TRUNCATION`.
 
     Returns:
@@ -239,6 +253,7 @@ def betting_lower(successes, trials, alpha: float,
     """
     if not 0.0 < truncation < 1.0:
         raise ValueError(f"truncation must be in (0, 1), got {truncation}")
+    _check_votes(successes, trials, alpha)
     s = np.asarray(successes, np.float64)
 
     def rejects(m):  # m > 0: the bisection of [0, 1] never evaluates 0

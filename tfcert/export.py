@@ -90,7 +90,7 @@ import os
 import re
 import shutil
 import tempfile
-from typing import Any, Mapping, Sequence
+from typing import IO, Any, Mapping, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -123,6 +123,11 @@ WARMUP_VALUES = {"seed": 0, "target_radius": 0.0}
 FORBIDDEN_OPS = frozenset({"PyFunc", "PyFuncStateless", "EagerPyFunc", "XlaLaunch",
                            "_XlaCompile", "_XlaRun", "XlaCallModule"})
 XLA_ATTRIBUTE = "_XlaMustCompile"
+# An export is written in a hidden folder next to its version folder,
+# ``.<version>.partial-<random>``, whose PARTIAL_LOCK file it keeps locked while it runs;
+# the next export into the same folder removes those of killed exports (`_start_partial`).
+PARTIAL_FOLDER = re.compile(r"\..+\.partial-[^/]+")
+PARTIAL_LOCK = ".lock"
 _INT64 = np.iinfo(np.int64)
 
 
@@ -203,10 +208,14 @@ def export_saved_model(smoothed: SmoothedClassifier, path: str, num_samples: int
                        checkpoint_growth: float | None = None) -> ExportConfig:
     """Writes ``smoothed`` as a TF Serving SavedModel at ``path`` (see the module docstring).
 
-    The directory is written next to ``path`` under a temporary name, checked (no
-    forbidden ops, :data:`FORBIDDEN_OPS`), given its warmup requests (:data:`WARMUP_FILE`)
-    and renamed into place, so a TF Serving instance watching the parent never sees a
-    half-written version.
+    The directory is written next to ``path`` under a temporary name (a hidden
+    ``.<version>.partial-*`` folder), checked (no forbidden ops, :data:`FORBIDDEN_OPS`),
+    given its warmup requests (:data:`WARMUP_FILE`) and renamed into place, so a TF
+    Serving instance watching the parent never sees a half-written version.  An export
+    that is killed leaves its partial folder behind; the next export into the same
+    parent removes it, and never the partial folder of an export still running in
+    another process (each holds an ``flock`` on a lock file in its folder while it runs,
+    which the kernel drops when the process dies: `_start_partial`).
 
     Args:
         smoothed: the smoothed classifier (base model, number of classes, noise layer).
@@ -254,7 +263,7 @@ def export_saved_model(smoothed: SmoothedClassifier, path: str, num_samples: int
         raise FileExistsError(f"{path} already exists; choose a new version directory")
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
-    partial = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.partial-", dir=parent)
+    partial, lock = _start_partial(parent, os.path.basename(path))
     try:
         config_file = os.path.join(partial, CONFIG_ASSET)
         with open(config_file, "w") as f:
@@ -277,7 +286,61 @@ def export_saved_model(smoothed: SmoothedClassifier, path: str, num_samples: int
                                   "choose a new version directory") from err
     finally:
         shutil.rmtree(partial, ignore_errors=True)
+        lock.close()
     return config
+
+
+def _start_partial(parent: str, version: str) -> tuple[str, IO]:
+    """Creates this export's hidden partial folder ``.<version>.partial-*`` in ``parent``
+    and returns it with the open :data:`PARTIAL_LOCK` file inside, exclusively
+    ``flock``-ed until the export closes it; first removes the partial folders that killed
+    exports left in ``parent``.
+
+    Why this never removes a running export's folder: an exporter holds the ``flock`` of
+    its folder's lock file for as long as it runs, and the kernel drops it when the
+    process ends, however (also on SIGKILL or a crash), so a folder whose lock can be
+    taken has no exporter left.  Creating a folder and locking its file happen under an
+    exclusive ``flock`` of ``parent`` itself, which the sweep holds too: the sweep never
+    sees a new folder before its lock is held, so a folder without a lock file was left
+    by an exporter killed in between (or by a tfcert before this rule).
+    """
+    import fcntl
+
+    directory = os.open(parent, os.O_RDONLY)
+    try:
+        fcntl.flock(directory, fcntl.LOCK_EX)
+        for name in os.listdir(parent):
+            folder = os.path.join(parent, name)
+            if (PARTIAL_FOLDER.fullmatch(name) and os.path.isdir(folder)
+                    and not os.path.islink(folder)):
+                _remove_if_abandoned(folder)
+        partial = tempfile.mkdtemp(prefix=f".{version}.partial-", dir=parent)
+        lock = open(os.path.join(partial, PARTIAL_LOCK), "w")
+        fcntl.flock(lock, fcntl.LOCK_EX)
+    finally:
+        os.close(directory)  # and with it the lock of ``parent``
+    return partial, lock
+
+
+def _remove_if_abandoned(folder: str) -> None:
+    """Removes the partial folder ``folder`` unless its exporter still holds its lock."""
+    import fcntl
+
+    try:
+        lock = os.open(os.path.join(folder, PARTIAL_LOCK), os.O_RDONLY)
+    except FileNotFoundError:  # no lock file (or no folder any more): nobody owns it
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    except OSError:  # e.g. another user's: not ours to judge
+        return
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # held: a running export
+        return
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
+    finally:
+        os.close(lock)
 
 
 def versioned_path(base_dir: str, name: str, version: int | None = None) -> str:
@@ -705,7 +768,8 @@ def _look(counts: tf.Tensor, j: tf.Tensor, target: tf.Tensor,
                            runner_votes[:, None]], axis=1)
     levels = tf.concat([tf.fill([k], side), tf.constant([config.futility_level] * 2, tf.float64)],
                        axis=0)
-    lower, upper = stats.clopper_pearson_graph(successes, drawn, levels)
+    lower, upper = stats.clopper_pearson_graph(  # one level per count: [batch, k + 2]
+        successes, drawn, tf.broadcast_to(levels, tf.shape(successes)))
     p1, p2, top = stats.top_class_bounds(counts, lower[:, :k], upper[:, :k])
     radius = _radius(p1, p2, config)
     done = (p1 > p2) & (radius >= target)

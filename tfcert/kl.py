@@ -587,13 +587,19 @@ def kl_certify(counts: tf.Tensor | np.ndarray, labels: tf.Tensor | np.ndarray | 
     ``paper_probability_bound`` for comparison.
 
     Args:
-        counts: [B, k] votes of the randomized classifier on the clean images.
-        labels: [B] true labels y.
+        counts: [B, k] votes of the randomized classifier on the clean images
+            (non-negative integers, :func:`tfcert.stats.vote_counts`).
+        labels: [B] true labels y, integers in [0, k).
         u_kl: a :class:`KLBound` (its ``value``, failure probability and rigour are used),
             or U_KL values, broadcastable to [..., B] (e.g. [E, B] for an ε grid), taken as
-            a bound that always holds (such as eq. (4), :func:`tfcert.bounds.gaussian_kl_bound`).
-        alpha: failure probability of the margin bound.
-        num_votes: m of the majority vote; default the number of votes in ``counts``.
+            a bound that always holds (such as eq. (4), :func:`tfcert.bounds.gaussian_kl_bound`);
+            >= 0.
+        alpha: failure probability of the margin bound, a scalar in (0, 1).
+        num_votes: m of the majority vote (a whole number >= 1); default the number of
+            votes in ``counts``.
+
+    Raises:
+        ValueError: an argument outside the contract above, naming it.
 
     Returns:
         A :class:`KLCertificate` (float64/bool tensors, a float and a bool).
@@ -601,19 +607,23 @@ def kl_certify(counts: tf.Tensor | np.ndarray, labels: tf.Tensor | np.ndarray | 
     kl_failure, rigorous = 0.0, True
     if isinstance(u_kl, KLBound):
         kl_failure, rigorous, u_kl = u_kl.failure_probability, u_kl.rigorous, u_kl.value
-    counts = tf.convert_to_tensor(counts)
+    if np.ndim(alpha) != 0:
+        raise ValueError("kl_certify takes one alpha (a scalar): its failure_probability is "
+                         "one number")
+    counts = stats.vote_counts(counts)
     num_classes = counts.shape[-1]
+    labels = stats.class_indices(labels, num_classes, "labels")
     total = tf.reduce_sum(tf.cast(counts, tf.float64), axis=-1)
     lower, upper = stats.clopper_pearson(counts, total[:, None], alpha / num_classes)
-    lower = tf.cast(lower, tf.float64)
-    upper = tf.cast(upper, tf.float64)
-    is_label = tf.one_hot(tf.cast(labels, tf.int32), num_classes, on_value=True, off_value=False)
+    is_label = tf.one_hot(labels, num_classes, on_value=True, off_value=False)
     label_lower = tf.reduce_sum(tf.where(is_label, lower, 0.0), axis=-1)
-    # On the event p_y >= lower_y, no other class exceeds 1 - lower_y either.
+    # On the event p_y >= lower_y, no other class exceeds 1 - lower_y either (rounded up).
     other_upper = tf.minimum(tf.reduce_max(tf.where(is_label, 0.0, upper), axis=-1),
-                             1.0 - label_lower)
+                             stats.complement_up(label_lower))
     margin_lower = label_lower - other_upper
-    u_kl = tf.cast(u_kl, tf.float64)
+    u_kl = stats.checked(tf.cast(u_kl, tf.float64), lambda u: u >= 0.0, "u_kl must be >= 0")
+    if num_votes is not None and not (float(num_votes) >= 1 and float(num_votes) % 1 == 0):
+        raise ValueError(f"num_votes must be a whole number >= 1, got {num_votes}")
     threshold = tf.sqrt(2.0 * u_kl)
     certified = margin_lower > threshold
     delta = 0.5 * tf.square(tf.maximum(margin_lower, 0.0)) - u_kl

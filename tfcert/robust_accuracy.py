@@ -36,6 +36,7 @@ Options are attributes of ``o`` (``absl.flags.FLAGS`` in the script, or a namesp
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from typing import Callable
@@ -79,13 +80,14 @@ class Defense:
 
 
 def eps_grid(o) -> list[float]:
-    """--eps as floats ≥ 0 (≤ 1 for ℓ∞ budgets)."""
+    """--eps as finite floats ≥ 0 (≤ 1 for ℓ∞ budgets)."""
     try:
         grid = [float(e) for e in o.eps or []]
     except ValueError:
         grid = []
-    cli.require(bool(grid) and all(e >= 0 for e in grid),
-                f"--eps must be a comma list of budgets >= 0, got {o.eps}")
+    cli.require(bool(grid) and all(0 <= e < math.inf for e in grid),  # NaN fails both
+                f"--eps must be a comma list of finite budgets >= 0 (e.g. 0.05,0.1), got "
+                f"{','.join(o.eps or []) or 'none'}")
     cli.require(attack_norm(o) == "2" or max(grid) <= 1,
                 f"ℓ∞ budgets are on the [0, 1] pixel scale: --eps={','.join(o.eps)} "
                 "has values > 1")

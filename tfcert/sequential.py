@@ -445,6 +445,9 @@ def certify_sequential(smoothed: SmoothedClassifier, x, max_samples: int, rule: 
     Each returned certificate holds with probability ≥ 1 − ``alpha`` whatever the
     stopping rule (module docstring).
     """
+    if np.ndim(alpha) != 0:
+        raise ValueError("early stopping takes one alpha for the whole batch (a scalar); "
+                         "for one level per image certify without early_stopping")
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     x = np.asarray(x, np.float32)

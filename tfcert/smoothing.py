@@ -158,7 +158,7 @@ def _indices(indices, batch: int) -> np.ndarray:
     return indices.astype(np.int64)
 
 
-def certificate_from_counts(counts: np.ndarray, alpha: float, sigma: float,
+def certificate_from_counts(counts: np.ndarray, alpha: float | np.ndarray, sigma: float,
                             bound: str | Sequence[str] = "renyi",
                             statistics: str = "simultaneous",
                             selected: np.ndarray | None = None,
@@ -166,24 +166,31 @@ def certificate_from_counts(counts: np.ndarray, alpha: float, sigma: float,
     """STN Algorithm 1 steps 4–6 on vote counts: bounds, prediction and radii.
 
     Args:
-        counts: int [batch, k] votes (n = their row sum).
-        alpha: failure probability of each image's certificate.
-        sigma: noise σ of the radii.
+        counts: ``[batch, k]`` votes, non-negative integers (n = their row sum; an
+            integer-valued float array is accepted, a fractional one refused).
+        alpha: failure probability of each image's certificate, in (0, 1): a scalar, or
+            one per image (``[batch]`` or ``[batch, 1]``).
+        sigma: noise σ of the radii, finite and > 0.
         bound: radius name(s) of `RADII`; ``radius`` is the first one's.
         statistics: ``"simultaneous"`` (top class from ``counts``, bounds simultaneous
             over the k classes) or ``"cohen"`` (``selected`` class from separate
             selection samples, one-sided bound at level α).
-        selected: int [batch] class chosen on the selection samples (``"cohen"`` only).
-        num_samples: draws per image recorded in the certificate (default: row sums).
+        selected: int [batch] classes in [0, k) chosen on the selection samples
+            (``"cohen"`` only).
+        num_samples: draws per image recorded in the certificate, whole numbers >= the
+            row sums, a scalar or [batch] (default: the row sums).
+
+    Raises:
+        ValueError: any argument outside this contract, naming it (`tfcert.stats`).
     """
     names = bound_names(bound)
-    counts = np.array(counts, np.int64)  # copies: the certificate owns writable arrays
+    counts = np.array(stats.vote_counts(counts), np.int64)  # the certificate owns a copy
     if statistics == "simultaneous":
         p1_lower, p2_upper, top = stats.simultaneous_bounds(counts, alpha)
     elif statistics == "cohen":
         if selected is None:
             raise ValueError("statistics='cohen' needs the classes selected on separate samples")
-        top = np.asarray(selected, np.int64)
+        top = stats.class_indices(selected, counts.shape[1], "selected")
         p1_lower, p2_upper = stats.cohen_split_bounds(counts, top, alpha)
     else:
         raise ValueError(f"unknown statistics {statistics!r}; choose from {STATISTICS}")
@@ -192,10 +199,28 @@ def certificate_from_counts(counts: np.ndarray, alpha: float, sigma: float,
     certified = p1_lower > p2_upper
     radii = {name: np.where(certified, np.asarray(RADII[name](p1_lower, p2_upper, sigma)), 0.0)
              for name in names}
-    used = counts.sum(axis=1) if num_samples is None else num_samples
     return Certificate(prediction=np.where(certified, top, ABSTAIN), radius=radii[names[0]],
                        radii=radii, counts=counts, p1_lower=p1_lower, p2_upper=p2_upper,
-                       num_samples=np.broadcast_to(np.asarray(used, np.int64), len(counts)).copy())
+                       num_samples=_draws_spent(counts, num_samples))
+
+
+def _draws_spent(counts: np.ndarray, num_samples: np.ndarray | int | None) -> np.ndarray:
+    """int64 [batch] draws per image: ``num_samples`` checked (whole, >= the votes), or the
+    row sums of ``counts``."""
+    votes = counts.sum(axis=1)
+    if num_samples is None:
+        return votes
+    used = np.asarray(num_samples)
+    if used.ndim > 1 or used.ndim == 1 and used.shape != votes.shape:
+        raise ValueError(f"num_samples must be a scalar or one per image ({len(votes)}), got "
+                         f"shape {used.shape}")
+    if not (np.issubdtype(used.dtype, np.number) and np.all(np.isfinite(used))
+            and np.all(used % 1 == 0)):
+        raise ValueError(f"num_samples must be whole numbers, got {num_samples}")
+    if np.any(used < votes):
+        raise ValueError(f"num_samples must be >= the votes counted per image, got "
+                         f"{num_samples} for {votes.tolist()[:3]} votes")
+    return np.broadcast_to(used.astype(np.int64), votes.shape).copy()
 
 
 class SmoothedClassifier:
@@ -278,9 +303,7 @@ class SmoothedClassifier:
             else:
                 self.inference_model = base_model
         self._pass_sizes: dict[tuple[tuple[int, ...], str | None], int] = {}
-        self._count_fn = tf.function(
-            self.count_votes if strategy is None else self._count_votes_on_replicas,
-            reduce_retracing=True)
+        self._count_fns: dict[tuple[int, ...], Callable] = {}
 
     @property
     def sigma(self) -> float:
@@ -412,10 +435,21 @@ class SmoothedClassifier:
             raise ValueError(f"first_draw must be >= 0, got {first_draw}")
         size = int(batch_size) if batch_size else self.pass_size(x.shape[1:])
         keys = draw_keys(run_key(seed), stream, _indices(indices, len(x)))
-        counts = self._count_fn(tf.constant(x), keys, tf.constant(int(num_samples), tf.int64),
-                                tf.constant(size, tf.int64),
-                                tf.constant(int(first_draw), tf.int64))
+        counts = self._counter(x.shape[1:])(
+            tf.constant(x), keys, tf.constant(int(num_samples), tf.int64),
+            tf.constant(size, tf.int64), tf.constant(int(first_draw), tf.int64))
         return counts.numpy()
+
+    def _counter(self, image_shape: Sequence[int]) -> Callable:
+        """The compiled vote counting of images of ``image_shape``: one ``tf.function``
+        per image shape (`count_votes` needs it static), any batch size; a fully
+        convolutional model serves every image size it accepts."""
+        key = tuple(int(d) for d in image_shape)
+        if key not in self._count_fns:
+            self._count_fns[key] = tf.function(
+                self.count_votes if self.strategy is None else self._count_votes_on_replicas,
+                reduce_retracing=True)
+        return self._count_fns[key]
 
     # ------------------------------------------------------------ certificates
     def certify(self, x, num_samples: int, alpha: float = 0.001,
@@ -428,7 +462,8 @@ class SmoothedClassifier:
         Args:
             x: images [batch, H, W, C] in [0, 1].
             num_samples: n, noisy draws per image for the bounds.
-            alpha: failure probability α of the certificate (each image).
+            alpha: failure probability α of the certificate, in (0, 1): a scalar, or
+                one per image (``[batch]`` or ``[batch, 1]``; early stopping: a scalar).
             bound: ``"renyi"``, ``"cohen"``, ``"pixeldp"`` or a sequence of them, all
                 computed on the same counts (``radius`` is the first one's).
             statistics: ``"simultaneous"`` (STN) or ``"cohen"`` (selection + estimation).
@@ -455,8 +490,7 @@ class SmoothedClassifier:
         bound_names(bound)
         if statistics not in STATISTICS:
             raise ValueError(f"unknown statistics {statistics!r}; choose from {STATISTICS}")
-        if not 0.0 < alpha < 1.0:
-            raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+        _image_levels(alpha, len(x))  # checked before any sampling
         sigma = self.sigma
         key = run_key(seed)  # one run key: the two streams below never share a draw
         counts = self.sample_counts(x, num_samples, batch_size, key, indices)
@@ -481,14 +515,20 @@ class SmoothedClassifier:
 
         Returns the top class where a two-sided binomial test of its count against
         the runner-up's rejects equality at level ``alpha``, else −1.  The returned
-        class differs from g(x) with probability at most ``alpha``.
+        class differs from g(x) with probability at most ``alpha`` (in (0, 1): a
+        scalar, or one per image, ``[batch]`` or ``[batch, 1]``).
         """
-        if not 0.0 < alpha < 1.0:
-            raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+        level = _image_levels(alpha, len(x))
         counts = self.sample_counts(x, num_samples, batch_size, seed, indices)
         top2 = np.sort(counts, axis=1)[:, ::-1][:, :2]
         pvalue = np.asarray(stats.binomial_test_pvalue(top2[:, 0], top2[:, 0] + top2[:, 1]))
-        return np.where(pvalue <= alpha, np.argmax(counts, axis=1), ABSTAIN).astype(np.int64)
+        return np.where(pvalue <= level, np.argmax(counts, axis=1), ABSTAIN).astype(np.int64)
+
+
+def _image_levels(alpha: float | np.ndarray, batch: int) -> np.ndarray:
+    """``alpha`` checked (in (0, 1); a scalar or one per image, ``[batch]`` or
+    ``[batch, 1]``) as a float64 scalar or ``[batch]`` array."""
+    return stats.per_image_level(alpha, tf.TensorShape([batch])).numpy()
 
 
 # ---------------------------------------------------------------- model speed helpers

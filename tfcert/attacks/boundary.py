@@ -28,6 +28,7 @@ import keras
 import tensorflow as tf
 
 from tfcert.attacks.eot import (ATTACK_STREAM, DEFENSE_STREAM, KeyedDefense, Seed, as_seed,
+                                check_finite,
                                 example_keys, fold_rows)
 
 _BINARY_SEARCH_STEPS = 25
@@ -74,6 +75,8 @@ def boundary_attack(model: keras.Model | KeyedDefense, x, y, steps: int = 1000, 
                          "and step_adaptation > 1")
     if not (spherical_step > 0 and source_step > 0):
         raise ValueError("spherical_step and source_step must be > 0")
+    check_finite(spherical_step=spherical_step, source_step=source_step,
+                 step_adaptation=step_adaptation)
     x = tf.cast(x, tf.float32)
     return tf.stop_gradient(_boundary_attack(
         model, x, tf.cast(y, tf.int64), tf.constant(steps, tf.int32),

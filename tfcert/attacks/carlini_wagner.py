@@ -18,8 +18,9 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from tfcert.attacks.eot import (DEFENSE_STREAM, KeyedDefense, Seed, as_seed, eot_log_probs,
-                                example_keys, fold_rows, l2_norms, margin, per_example)
+from tfcert.attacks.eot import (DEFENSE_STREAM, KeyedDefense, Seed, as_seed, check_finite,
+                                eot_log_probs, example_keys, fold_rows, l2_norms, margin,
+                                per_example)
 
 _BETA_1, _BETA_2, _ADAM_EPSILON = 0.9, 0.999, 1e-8
 _MAX_CONST = 1e10
@@ -56,11 +57,17 @@ def carlini_wagner_l2(model: keras.Model | KeyedDefense, x, y, confidence: float
         float32 images in [0, 1]: the successful candidate of smallest ℓ2 distance, or
         ``x`` itself where none was found.
 
+    Raises:
+        ValueError: for a non-finite (inf, NaN) ``confidence``, ``initial_const`` or
+            ``learning_rate`` (naming it), or an argument out of its range.
+
     Example:
 
     >>> x_adv = tfcert.attacks.carlini_wagner_l2(model, x, y, confidence=50.0)
     >>> distances = tf.norm(tf.reshape(x_adv - x, [len(x), -1]), axis=1)
     """
+    check_finite(confidence=confidence, initial_const=initial_const,
+                 learning_rate=learning_rate)
     if (confidence < 0 or initial_const <= 0 or binary_search_steps < 1 or steps < 1
             or learning_rate <= 0 or eot_samples < 1):
         raise ValueError("carlini_wagner_l2 needs confidence >= 0, initial_const > 0, "

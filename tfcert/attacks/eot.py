@@ -27,6 +27,8 @@ with a randomized layer) draws from its layers' ``SeedGenerator``s, which advanc
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Callable, Union
 
 import keras
@@ -183,6 +185,14 @@ def check_loss(loss: Loss) -> None:
     """Raises `ValueError` for a loss that is neither a callable nor one of `LOSSES`."""
     if not callable(loss) and loss not in LOSSES:
         raise ValueError(f"unknown attack loss {loss!r}; choose one of {LOSSES} or pass a callable")
+
+
+def check_finite(**arguments) -> None:
+    """Raises `ValueError` naming the first argument that is a Python or NumPy number but
+    not a finite one (inf or NaN; tensors are not checked)."""
+    for name, value in arguments.items():
+        if isinstance(value, numbers.Real) and not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value}")
 
 
 def as_seed(seed: Seed, batch: int | None = None) -> tf.Tensor:

@@ -12,8 +12,8 @@ import keras
 import tensorflow as tf
 
 from tfcert.attacks.eot import (ATTACK_STREAM, DEFENSE_STREAM, KeyedDefense, Loss, Seed, as_seed,
-                                check_loss, example_keys, fold_rows, l2_norms, loss_and_gradient,
-                                per_example)
+                                check_finite, check_loss, example_keys, fold_rows, l2_norms,
+                                loss_and_gradient, per_example)
 
 NORMS = ("inf", "2")
 
@@ -37,10 +37,10 @@ def pgd(model: keras.Model | KeyedDefense, x, y, eps: float, norm: str = "inf", 
         x: images ``[batch, ...]`` in [0, 1].
         y: true labels ``[batch]`` (or the targets a custom ``loss`` expects, e.g. the
             clean probabilities for TRADES).
-        eps: radius of the ball, on the [0, 1] pixel scale (8/255 ≈ 0.031).
+        eps: radius of the ball, on the [0, 1] pixel scale (8/255 ≈ 0.031); finite, >= 0.
         norm: ``"inf"`` or ``"2"``.
         steps: number of PGD steps.
-        step_size: step length; default ``2.5 · eps / steps`` (Madry et al.).
+        step_size: step length (finite); default ``2.5 · eps / steps`` (Madry et al.).
         eot_samples: EOT draws per step (1 for a deterministic model).
         random_start: start from a uniform point of the ℓ∞ ball (ℓ2: a random direction
             at a uniform radius) instead of ``x``.
@@ -54,6 +54,10 @@ def pgd(model: keras.Model | KeyedDefense, x, y, eps: float, norm: str = "inf", 
     Returns:
         float32 adversarial images, same shape as ``x``.
 
+    Raises:
+        ValueError: naming the argument, for a non-finite (inf, NaN) ``eps``, ``step_size``
+            or ``confidence``, a negative ``eps``, an unknown ``norm`` or ``loss``.
+
     Example:
 
     >>> defense = keras.Sequential([tfcert.layers.GaussianNoise(0.25), base_model])
@@ -62,6 +66,7 @@ def pgd(model: keras.Model | KeyedDefense, x, y, eps: float, norm: str = "inf", 
     if norm not in NORMS:
         raise ValueError(f"unknown norm {norm!r}; choose one of {NORMS}")
     check_loss(loss)
+    check_finite(eps=eps, step_size=step_size, confidence=confidence)
     if not eps >= 0 or steps < 0 or eot_samples < 1:
         raise ValueError(f"need eps >= 0, steps >= 0 and eot_samples >= 1, got "
                          f"{eps}, {steps}, {eot_samples}")

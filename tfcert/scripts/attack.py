@@ -13,6 +13,8 @@ same rows on an Apache Beam pipeline (docs/SCALING.md).  The logic is
 
 from __future__ import annotations
 
+import math
+
 from absl import flags
 
 from tfcert import cli, robust_accuracy
@@ -71,6 +73,11 @@ def run(argv: list[str]) -> None:
         return robust_accuracy.analyze(FLAGS, FLAGS.analyze)
     cli.require(FLAGS.model is not None, "--model is required (a .keras file from train.py)")
     grid = robust_accuracy.eps_grid(FLAGS)
+    for name in ("sigma", "center_stddev", "tvm_weight", "step_size", "confidence",
+                 "initial_const", "learning_rate"):  # absl's bounds let inf and NaN through
+        value = FLAGS[name].value
+        cli.require(value is None or math.isfinite(value),
+                    f"--{name} must be a finite number, got {value}")
     needs_sigma = FLAGS.defense in ("gaussian", "smoothed", "randdisc", "randmix")
     cli.require(not needs_sigma or (FLAGS.sigma is not None and FLAGS.sigma > 0),
                 f"--defense={FLAGS.defense} needs --sigma > 0")
