@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from tfcert import data, models
-from tfcert import smoothing
+from tfcert.keys import draw_keys, run_key
 from tfcert.attacks import (KeyedDefense, boundary_attack, carlini_wagner_l2, loss_and_gradient,
                             margin, pgd, transfer_attack)
 from tfcert.layers import (PAPER_SETTINGS, GaussianNoise, RandomizedDiscretization,
@@ -253,7 +253,7 @@ def test_keyed_attacks_do_not_depend_on_the_batch(model, test_set, name, layer):
     is the same attacked in one batch of 10 or in batches of 4, 4 and 2."""
     x, y = test_set[0][:10], test_set[1][:10]
     defense = KeyedDefense(model, layer())
-    keys = smoothing.draw_keys(smoothing.run_key(5), 0, np.arange(100, 110))
+    keys = draw_keys(run_key(5), 0, np.arange(100, 110))
     attack = PER_EXAMPLE_ATTACKS[name]
     whole = attack(defense, x, y, keys).numpy()
     parts = np.concatenate([attack(defense, x[s:s + 4], y[s:s + 4], keys[s:s + 4]).numpy()
@@ -262,7 +262,7 @@ def test_keyed_attacks_do_not_depend_on_the_batch(model, test_set, name, layer):
     # sizes (the CPU kernels depend on the batch); 1e-5 is ~170 float32 ulps at 1 (2^-23
     # each), far below any attack step (a different draw moves pixels by ~0.01-0.1).
     np.testing.assert_allclose(parts, whole, rtol=0, atol=1e-5)
-    other = smoothing.draw_keys(smoothing.run_key(6), 0, np.arange(100, 110))
+    other = draw_keys(run_key(6), 0, np.arange(100, 110))
     assert np.max(np.abs(attack(defense, x, y, other).numpy() - whole)) > 1e-3  # keys matter
 
 
@@ -271,7 +271,7 @@ def test_keyed_defense_draws_a_group_per_key(model, test_set):
     unkeyed calls use the layer's generator."""
     x = tf.constant(test_set[0][:3])
     defense = KeyedDefense(model, GaussianNoise(0.3))
-    keys = smoothing.draw_keys(smoothing.run_key(0), 0, np.arange(3))
+    keys = draw_keys(run_key(0), 0, np.arange(3))
     groups = tf.repeat(x[:, None], 4, axis=1)
     logits = defense.group_logits(groups, keys, 7).numpy()
     assert logits.shape == (3, 4, 10)

@@ -13,7 +13,8 @@ import tensorflow as tf
 
 from tfcert import bounds, kl, stats
 from tfcert.layers import GaussianNoise
-from tfcert.smoothing import SmoothedClassifier, certificate_from_counts
+from tfcert.certificate import certificate_from_counts
+from tfcert.smoothing import SmoothedClassifier
 
 RADII = [bounds.renyi_radius, bounds.cohen_radius, bounds.pixeldp_radius]
 

@@ -13,16 +13,17 @@ import pytest
 import tensorflow as tf
 
 from test_noise import run_with_two_cpus
-from tfcert import models, training
+from tfcert import devices, models, training
+from tfcert.devices import policy_clone
 from tfcert.layers import GaussianNoise
-from tfcert.smoothing import SmoothedClassifier, policy_clone
+from tfcert.smoothing import SmoothedClassifier
 
 TWO_DEVICE_CHECKS = """
 import keras
 import numpy as np
-from tfcert import adversarial_training, data, models, training
+from tfcert import adversarial_training, data, devices, models, training
 from tfcert.layers import GaussianNoise
-from tfcert.sequential import EarlyStopping, certify_sequential
+from tfcert.sequential import StoppingRule, certify_sequential
 from tfcert.smoothing import SmoothedClassifier
 
 out = {}
@@ -66,7 +67,7 @@ for statistics in ("simultaneous", "cohen"):
         "counts", "prediction", "radius", "p1_lower", "p2_upper", "num_samples"))
 equal["predict"] = bool(np.array_equal(one.predict(x_test, 300, seed=2),
                                        cloned.predict(x_test, 300, seed=2)))
-rule = EarlyStopping(0.3, "checkpoints")
+rule = StoppingRule(0.3, "checkpoints")
 a, b = (certify_sequential(sc, x_test, 2000, rule, alpha=0.01, seed=3) for sc in (one, cloned))
 equal["sequential"] = bool(np.array_equal(a.counts, b.counts)
                            and np.array_equal(a.num_samples, b.num_samples))
@@ -89,7 +90,7 @@ OBJECTIVES = {
     "trades": lambda b: adversarial_training.wrap(b, "trades", 0.1, steps=2, seed=0),
 }
 fits = {}
-training.set_precision("mixed_float16")
+devices.set_precision("mixed_float16")
 for name, make in OBJECTIVES.items():
     with two.scope():
         keras.utils.set_random_seed(0)
@@ -104,7 +105,7 @@ for name, make in OBJECTIVES.items():
                   "steps": int(model.optimizer.iterations.numpy()),
                   "moved": any(not np.array_equal(w.numpy(), v)
                                for w, v in zip(model.trainable_weights, start))}
-training.set_precision("float32")
+devices.set_precision("float32")
 out["fits"] = fits
 
 # --- training randomness: per replica different, reproducible with the seed ----------
@@ -164,30 +165,30 @@ def test_replicas_draw_different_reproducible_training_randomness(two_devices):
 
 
 def test_make_strategy_names_and_errors(monkeypatch):
-    assert training.make_strategy("default") is tf.distribute.get_strategy()
-    mirrored = training.make_strategy("mirrored")  # every GPU, else the CPU
+    assert devices.make_strategy("default") is tf.distribute.get_strategy()
+    mirrored = devices.make_strategy("mirrored")  # every GPU, else the CPU
     assert mirrored.num_replicas_in_sync == max(1, len(tf.config.list_physical_devices("GPU")))
     with pytest.raises(ValueError, match="unknown strategy 'tpu'"):
-        training.make_strategy("tpu")
+        devices.make_strategy("tpu")
     monkeypatch.delenv("TF_CONFIG", raising=False)
     with pytest.raises(ValueError, match="needs the TF_CONFIG environment variable"):
-        training.make_strategy("multi_worker")
+        devices.make_strategy("multi_worker")
     monkeypatch.setenv("TF_CONFIG", "{cluster")
     with pytest.raises(ValueError, match="not valid JSON"):
-        training.make_strategy("multi_worker")
+        devices.make_strategy("multi_worker")
     monkeypatch.setenv("TF_CONFIG", '{"cluster": {"chief": ["a:1"]}}')
     with pytest.raises(ValueError, match='"worker" list'):
-        training.make_strategy("multi_worker")
+        devices.make_strategy("multi_worker")
 
 
 def test_set_precision_returns_the_previous_policy():
-    assert training.set_precision("mixed_bfloat16") == "float32"
+    assert devices.set_precision("mixed_bfloat16") == "float32"
     try:
         assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"
     finally:
-        assert training.set_precision("float32") == "mixed_bfloat16"
+        assert devices.set_precision("float32") == "mixed_bfloat16"
     with pytest.raises(ValueError, match="unknown precision 'float16'"):
-        training.set_precision("float16")
+        devices.set_precision("float16")
 
 
 def test_strategy_argument_is_checked():
@@ -215,11 +216,11 @@ def test_strategy_argument_is_checked():
 
 
 def test_float32_clone_of_a_mixed_float16_model():
-    previous = training.set_precision("mixed_float16")
+    previous = devices.set_precision("mixed_float16")
     try:
         trained = models.small_cnn()
     finally:
-        training.set_precision(previous)
+        devices.set_precision(previous)
     assert trained.layers[0].dtype_policy.name == "mixed_float16"
     assert trained.layers[-1].dtype_policy.name == "float32"  # the logits layer
     clone = policy_clone(trained, "float32")

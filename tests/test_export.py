@@ -25,10 +25,12 @@ from scipy import stats as sps
 from test_smoothing import SHAPE, linear_problem  # noqa: F401 (fixture)
 
 from tfcert import bounds, cli, export, models, stats
+from tfcert.devices import GPU_PASS_MEMORY, MAX_PASS_SIZE, activation_bytes
+from tfcert.export import saved_model
 from tfcert.layers import GaussianNoise
 from tfcert.layers.discretization import RandomizedDiscretization
-from tfcert.sequential import EarlyStopping, certify_sequential
-from tfcert.smoothing import GPU_PASS_MEMORY, MAX_PASS_SIZE, SmoothedClassifier, activation_bytes
+from tfcert.sequential import StoppingRule, certify_sequential
+from tfcert.smoothing import SmoothedClassifier
 # TensorFlow's saved_model_cli of the interpreter running the tests (a venv's bin/ need
 # not be on PATH)
 SAVED_MODEL_CLI = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
@@ -438,16 +440,16 @@ def test_prediction_log_encoding_parses_as_the_tensorflow_serving_protos():
 def test_serving_device_chooses_the_automatic_pass_size(monkeypatch):
     """cpu: this machine's CPU cache over the activation bytes, gpu: GPU_PASS_MEMORY,
     whatever this machine has (a GPU or not); an explicit batch_size wins."""
-    from tfcert import smoothing
+    from tfcert import devices
 
     model, shape = models.stn_mnist(), (28, 28, 1)
     per_input = activation_bytes(model, shape)  # ≈ 0.29 MB: GPU size ≈ 900 < MAX_PASS_SIZE
     gpu = GPU_PASS_MEMORY // per_input
     assert 1 < gpu < MAX_PASS_SIZE
-    monkeypatch.setattr(smoothing, "_cache_sizes", lambda: [4 * per_input])  # a tiny cache
-    monkeypatch.setattr(smoothing, "_free_memory_bytes", lambda: 2 ** 40)  # no memory cap
+    monkeypatch.setattr(devices, "_cache_sizes", lambda: [4 * per_input])  # a tiny cache
+    monkeypatch.setattr(devices, "_free_memory_bytes", lambda: 2 ** 40)  # no memory cap
     for has_gpu in (False, True):  # the exporting machine's devices do not matter
-        monkeypatch.setattr(smoothing.tf.config, "list_physical_devices",
+        monkeypatch.setattr(devices.tf.config, "list_physical_devices",
                             lambda kind=None, gpus=["GPU:0"] * has_gpu: gpus)
         smoothed = SmoothedClassifier(model, 10, GaussianNoise(SIGMA))
         assert export.serving_pass_size(smoothed, shape) == 4
@@ -688,8 +690,8 @@ def test_export_argument_checks(tmp_path):
 # still writing: prints the folder, then waits to be killed.
 EXPORTER = r'''
 import os, sys, time
-from tfcert import export
-partial, lock = export._start_partial(sys.argv[1], sys.argv[2])
+from tfcert.export import saved_model
+partial, lock = saved_model._start_partial(sys.argv[1], sys.argv[2])
 os.makedirs(os.path.join(partial, "saved_model", "variables"))
 print(partial, flush=True)
 time.sleep(600)
@@ -721,7 +723,7 @@ def test_a_killed_exports_partial_folder_is_removed_by_the_next_export_a_running
         for process in exporters:
             process.kill()
             process.communicate()
-    partial, lock = export._start_partial(str(parent), "6")  # once it is gone, it goes too
+    partial, lock = saved_model._start_partial(str(parent), "6")  # once it is gone, it goes too
     lock.close()
     assert sorted(os.listdir(parent)) == sorted(["5", os.path.basename(partial)])
 
@@ -862,7 +864,7 @@ def test_certify_target_equals_certify_sequential_checkpoints_on_the_same_seeds(
     out = target_request(target_exports.signatures["digits"], x, targets, SEEDS)
     for i, seed in enumerate(SEEDS):
         ref = certify_sequential(target_exports.digits, x[i:i + 1], TARGET_SAMPLES,
-                                 EarlyStopping(float(targets[i]), "checkpoints",
+                                 StoppingRule(float(targets[i]), "checkpoints",
                                                first_look=DIGITS_FIRST_CHECKPOINT), ALPHA,
                                  batch_size=PASS_SIZE, seed=seed)
         for key in ("prediction", "num_samples", "counts", "p1_lower", "p2_upper"):
@@ -935,7 +937,7 @@ def test_target_signatures_have_core_ops_only_and_the_schedule_in_the_config(tar
         assert {"certify_target", "certify_target_seeded"} <= set(
             target_exports.signatures[key])
     config = export.read_config(target_exports.paths["digits"])
-    rule = EarlyStopping(0.0, "checkpoints", first_look=DIGITS_FIRST_CHECKPOINT)
+    rule = StoppingRule(0.0, "checkpoints", first_look=DIGITS_FIRST_CHECKPOINT)
     assert config["target_looks"] == [100, 200, 400, 800, 1600, 2000] == list(
         rule.looks(TARGET_SAMPLES))
     assert config["target_levels"] == list(rule.levels(ALPHA, 6))
@@ -969,13 +971,13 @@ def test_target_signatures_in_a_tensorflow_only_process(served, trained):
     """The CLI export's certify_target_seeded (n = 1,000) without tfcert: repeatable, the
     library's sequential answers, the same through the REST JSON mapping."""
     first, second = (arrays(s) for s in served["target_seeded"])
-    default = EarlyStopping(0.0, "checkpoints", first_look=export.FIRST_CHECKPOINT)
+    default = StoppingRule(0.0, "checkpoints", first_look=export.FIRST_CHECKPOINT)
     assert served["asset"]["target_looks"] == list(default.looks(NUM_SAMPLES)) == [
         200, 400, 800, 1000]
     smoothed = SmoothedClassifier(trained.model, 10, GaussianNoise(SIGMA))
     for i, seed in enumerate(SEEDS):
         ref = certify_sequential(smoothed, trained.images[i:i + 1], NUM_SAMPLES,
-                                 EarlyStopping(TARGETS[i], "checkpoints",
+                                 StoppingRule(TARGETS[i], "checkpoints",
                                                first_look=export.FIRST_CHECKPOINT), ALPHA,
                                  batch_size=PASS_SIZE, seed=seed)
         for key in ("prediction", "num_samples", "counts"):

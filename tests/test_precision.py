@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 from test_smoothing import SHAPE, linear_model
 
-from tfcert import smoothing
+from tfcert import devices
 from tfcert.layers import GaussianNoise
-from tfcert.smoothing import SmoothedClassifier, activation_bytes, bfloat16_clone
+from tfcert.devices import activation_bytes, bfloat16_clone
+from tfcert.smoothing import SmoothedClassifier
 
 
 @pytest.fixture(scope="module")
@@ -82,12 +83,12 @@ def test_bfloat16_votes_differ_only_within_the_rounding_bound():
 
 
 def test_auto_dtype_follows_the_hardware(monkeypatch):
-    monkeypatch.setattr(smoothing.tf.config, "list_physical_devices", lambda kind=None: [])
+    monkeypatch.setattr(devices.tf.config, "list_physical_devices", lambda kind=None: [])
     model = linear_model(np.ones(16) / 4, -2.0)
     for flags, expected in (({"avx2", "avx512f"}, "float32"), ({"avx512_bf16"}, "bfloat16"),
                             ({"amx_bf16", "amx_tile"}, "bfloat16"), (set(), "float32")):
-        monkeypatch.setattr(smoothing, "cpu_flags", lambda flags=flags: flags)
-        assert smoothing.native_bfloat16() == (expected == "bfloat16")
+        monkeypatch.setattr(devices, "cpu_flags", lambda flags=flags: flags)
+        assert devices.native_bfloat16() == (expected == "bfloat16")
         sc = SmoothedClassifier(model, 2, GaussianNoise(0.5), compute_dtype="auto")
         assert sc.compute_dtype == expected
 
@@ -110,25 +111,25 @@ def test_bad_compute_dtype_and_unclonable_models_are_refused():
 
 
 def test_pass_memory_is_the_cpu_cache_without_gpus(monkeypatch):
-    monkeypatch.setattr(smoothing.tf.config, "list_physical_devices", lambda kind=None: [])
-    monkeypatch.setattr(smoothing, "_cache_sizes", lambda: [48 * 2 ** 10, 2 ** 20, 2 ** 25])
-    assert smoothing.pass_memory() == min(2 ** 25, smoothing._free_memory_bytes() // 8)
-    monkeypatch.setattr(smoothing, "_cache_sizes", lambda: [])
-    assert smoothing.pass_memory() == min(smoothing.CPU_CACHE_DEFAULT,
-                                          smoothing._free_memory_bytes() // 8)
-    assert smoothing.pass_memory("cpu") == smoothing.CPU_CACHE_DEFAULT
-    assert smoothing.pass_memory("gpu") == smoothing.GPU_PASS_MEMORY
+    monkeypatch.setattr(devices.tf.config, "list_physical_devices", lambda kind=None: [])
+    monkeypatch.setattr(devices, "_cache_sizes", lambda: [48 * 2 ** 10, 2 ** 20, 2 ** 25])
+    assert devices.pass_memory() == min(2 ** 25, devices._free_memory_bytes() // 8)
+    monkeypatch.setattr(devices, "_cache_sizes", lambda: [])
+    assert devices.pass_memory() == min(devices.CPU_CACHE_DEFAULT,
+                                          devices._free_memory_bytes() // 8)
+    assert devices.pass_memory("cpu") == devices.CPU_CACHE_DEFAULT
+    assert devices.pass_memory("gpu") == devices.GPU_PASS_MEMORY
     with pytest.raises(ValueError, match="device"):
-        smoothing.pass_memory("tpu")
+        devices.pass_memory("tpu")
 
 
 def test_pass_memory_is_the_gpu_budget_with_a_gpu(monkeypatch):
-    monkeypatch.setattr(smoothing.tf.config, "list_physical_devices",
+    monkeypatch.setattr(devices.tf.config, "list_physical_devices",
                         lambda kind=None: ["GPU:0"])
-    assert smoothing.pass_memory() == min(smoothing.GPU_PASS_MEMORY,
-                                          smoothing._free_memory_bytes() // 8)
-    assert smoothing.pass_memory("cpu") == max(smoothing._cache_sizes(),
-                                               default=smoothing.CPU_CACHE_DEFAULT)
+    assert devices.pass_memory() == min(devices.GPU_PASS_MEMORY,
+                                          devices._free_memory_bytes() // 8)
+    assert devices.pass_memory("cpu") == max(devices._cache_sizes(),
+                                               default=devices.CPU_CACHE_DEFAULT)
 
 
 def test_activation_bytes_and_the_automatic_pass_size():
@@ -142,7 +143,7 @@ def test_activation_bytes_and_the_automatic_pass_size():
     model = linear_model(np.ones(16) / 4, 0.0)
     assert activation_bytes(model, SHAPE) >= 16 * 4
     big = SmoothedClassifier(conv(64), 10, GaussianNoise(0.5))
-    assert big.pass_size((28, 28, 1)) == smoothing.pass_memory() // (2 * 26 * 26 * 64 * 4)
+    assert big.pass_size((28, 28, 1)) == devices.pass_memory() // (2 * 26 * 26 * 64 * 4)
     assert SmoothedClassifier(model, 2, GaussianNoise(0.5)).pass_size(SHAPE) == (
-        smoothing.MAX_PASS_SIZE)
+        devices.MAX_PASS_SIZE)
     assert SmoothedClassifier(model, 2, GaussianNoise(0.5), batch_size=7).pass_size(SHAPE) == 7

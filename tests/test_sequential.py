@@ -9,9 +9,10 @@ from test_smoothing import SHAPE, linear_model, linear_problem  # noqa: F401 (fi
 
 from tfcert import confidence_sequences as cs
 from tfcert.layers import GaussianNoise
-from tfcert.sequential import (METHODS, EarlyStopping, certify_sequential, look_certificate,
+from tfcert.sequential import (METHODS, StoppingRule, certify_sequential, look_certificate,
                                run_sequential)
-from tfcert.smoothing import SmoothedClassifier, certificate_from_counts
+from tfcert.certificate import certificate_from_counts
+from tfcert.smoothing import SmoothedClassifier
 
 CONFIDENCE_SEQUENCES = ("mixture", "betting")
 
@@ -27,7 +28,7 @@ def miss_threshold(streams: int, alpha: float) -> float:
     return sps.binom.ppf(1.0 - FALSE_ALARM, streams, alpha)
 
 
-class PeekingAtFullLevel(EarlyStopping):
+class PeekingAtFullLevel(StoppingRule):
     """The invalid procedure: a fixed-n Clopper-Pearson bound at the full α at every look."""
 
     def levels(self, alpha, num_looks):
@@ -35,17 +36,17 @@ class PeekingAtFullLevel(EarlyStopping):
 
 
 def test_looks_levels_and_validation():
-    rule = EarlyStopping(0.5, "checkpoints", final_share=0.5)
+    rule = StoppingRule(0.5, "checkpoints", final_share=0.5)
     np.testing.assert_array_equal(rule.looks(1000), [100, 200, 400, 800, 1000])
     np.testing.assert_array_equal(rule.looks(50), [50])
-    np.testing.assert_array_equal(EarlyStopping(0, "checkpoints", first_look=1, growth=1.1)
+    np.testing.assert_array_equal(StoppingRule(0, "checkpoints", first_look=1, growth=1.1)
                                   .looks(5), [1, 2, 3, 4, 5])
     levels = rule.levels(0.001, 5)
     np.testing.assert_allclose(levels, [0.000125] * 4 + [0.0005])
     assert levels.sum() == pytest.approx(0.001, rel=1e-12)  # float64 sum of 5 terms
     np.testing.assert_array_equal(rule.levels(0.01, 1), [0.01])
     for method in CONFIDENCE_SEQUENCES:  # every 10% from 32 draws, at level 0.9 α + 0.1 α
-        rule = EarlyStopping(0.5, method)
+        rule = StoppingRule(0.5, method)
         looks = rule.looks(10_000)
         assert looks[0] == 32 and looks[-1] == 10_000
         # ceil(1.1 n) may round up once more where 1.1 n is not exact in float64
@@ -53,11 +54,11 @@ def test_looks_levels_and_validation():
         # rtol 1e-15: (1 − 0.1) · 0.01 and 0.1 · 0.01 are each one float64 rounding away
         np.testing.assert_allclose(rule.levels(0.01, 3), [0.009] * 3, rtol=1e-15)
         assert rule.final_level(0.01) == pytest.approx(0.001, rel=1e-15)
-        assert EarlyStopping(0.5, method, final_share=0.0).final_level(0.01) == 0.0
+        assert StoppingRule(0.5, method, final_share=0.0).final_level(0.01) == 0.0
     assert rule.final_level(0.01) + rule.levels(0.01, 1)[0] == pytest.approx(0.01, rel=1e-15)
-    assert EarlyStopping(0.5, "checkpoints").final_level(0.01) == 0.0
-    np.testing.assert_array_equal(EarlyStopping([0.1, 0.2]).targets(2), [0.1, 0.2])
-    assert np.all(EarlyStopping(None, min_gain=0.1).targets(3) == np.inf)
+    assert StoppingRule(0.5, "checkpoints").final_level(0.01) == 0.0
+    np.testing.assert_array_equal(StoppingRule([0.1, 0.2]).targets(2), [0.1, 0.2])
+    assert np.all(StoppingRule(None, min_gain=0.1).targets(3) == np.inf)
     for bad in ({"target_radius": -1.0}, {"target_radius": [0.1, np.inf]}, {},
                 {"target_radius": 0.1, "method": "bonferroni"},
                 {"target_radius": 0.1, "growth": 1.0},
@@ -69,7 +70,7 @@ def test_looks_levels_and_validation():
                 {"target_radius": 0.1, "prior": (0.5, 0.5)},  # a < 1: no monotone inversion
                 {"target_radius": 0.1, "bet_truncation": 1.0}):
         with pytest.raises(ValueError):
-            EarlyStopping(**bad)
+            StoppingRule(**bad)
 
 
 # ------------------------------------------------------------ confidence sequences
@@ -78,10 +79,10 @@ def stream_looks(method: str) -> np.ndarray:
     draws every 20% (betting: its bets are fixed per look, and its cost grows with the
     looks squared), up to 2,000 draws."""
     first, growth = (1, 1.05) if method != "betting" else (4, 1.2)
-    return EarlyStopping(0.0, method, first_look=first, growth=growth).looks(2000)
+    return StoppingRule(0.0, method, first_look=first, growth=growth).looks(2000)
 
 
-def ever_above(rule: EarlyStopping, p: float, looks: np.ndarray, alpha: float, streams: int,
+def ever_above(rule: StoppingRule, p: float, looks: np.ndarray, alpha: float, streams: int,
                seed: int) -> np.ndarray:
     """bool [streams]: the lower bound exceeded p at some look (Bernoulli(p) streams).
 
@@ -106,7 +107,7 @@ def test_confidence_sequence_covers_under_adversarial_stopping(method, p):
     an upper bound is the lower bound of the complementary stream (p → 1 − p), so
     p = 0.02 and 0.99 also test the upper bounds at 0.98 and 0.01."""
     alpha, streams = 0.05, 10_000
-    rule = EarlyStopping(0.0, method, final_share=0.0)  # the sequence alone, at level α
+    rule = StoppingRule(0.0, method, final_share=0.0)  # the sequence alone, at level α
     missed = ever_above(rule, p, stream_looks(method), alpha, streams, seed=int(1000 * p))
     assert missed.sum() <= miss_threshold(streams, alpha)
 
@@ -185,9 +186,9 @@ def test_anytime_validity_costs_width():
     """Each CS lies below the fixed-n Clopper-Pearson bound at the same level (the price
     of holding at every n), below S/n, and tightens as n grows at a fixed S/n."""
     s, n = np.array([10.0, 100.0, 1000.0]), np.array([12.0, 120.0, 1200.0])
-    fixed = EarlyStopping(0.0, "checkpoints")
+    fixed = StoppingRule(0.0, "checkpoints")
     for method in CONFIDENCE_SEQUENCES:
-        rule = EarlyStopping(0.0, method)
+        rule = StoppingRule(0.0, method)
         bounds = np.array([rule.lower(np.array([[si]]), np.array([ni]), 0.01)[0]
                            for si, ni in zip(s, n)])
         cp = np.array([fixed.lower(np.array([[si]]), np.array([ni]), 0.01)[0]
@@ -223,7 +224,7 @@ def test_certificates_at_the_true_radius_are_wrong_at_most_alpha(method):
     are wrong in at most a fraction α of 4,000 runs, whatever the method."""
     alpha, streams, sigma, p1 = 0.1, 4000, 1.0, 0.7
     true_radius = sigma * sps.norm.ppf(p1)
-    rule = EarlyStopping(true_radius, method, first_look=20, growth=1.25)
+    rule = StoppingRule(true_radius, method, first_look=20, growth=1.25)
     cert = run_sequential(multinomial_streams([p1, 1 - p1], 0), streams, 2, 1280, rule,
                           alpha, sigma, "cohen", "cohen", selected=np.zeros(streams, np.int64))
     wrong = (cert.prediction >= 0) & ((cert.prediction != 0) | (cert.radius > true_radius))
@@ -236,7 +237,7 @@ def test_simultaneous_bounds_hold_at_the_stopping_time(method):
     """Three classes, simultaneous statistics: both bounds hold w.p. >= 1 − α (4,000 runs)."""
     alpha, streams = 0.1, 4000
     p = np.array([0.6, 0.3, 0.1])
-    rule = EarlyStopping(0.3, method, first_look=20, growth=1.25)
+    rule = StoppingRule(0.3, method, first_look=20, growth=1.25)
     cert = run_sequential(multinomial_streams(p, 1), streams, 3, 1280, rule, alpha, 1.0, "renyi")
     failed = (cert.p1_lower > p[0]) | (cert.p2_upper < p[1])
     assert failed.sum() <= miss_threshold(streams, alpha)
@@ -248,7 +249,7 @@ def test_checkpoint_certificates_are_the_fixed_n_certificates():
     rng = np.random.default_rng(3)
     votes = rng.multinomial(50, [0.7, 0.2, 0.1], size=(20, 3))  # 20 images, 3 looks
     trials = np.array([50, 50, 50])
-    rule = EarlyStopping(0.5, "checkpoints")
+    rule = StoppingRule(0.5, "checkpoints")
     for statistics, selected in (("simultaneous", None), ("cohen", np.zeros(20, np.int64))):
         ours = look_certificate(rule, votes, trials, 1e-3, 0.5, ["renyi", "cohen"], statistics,
                                 selected, 150)
@@ -264,7 +265,7 @@ def test_last_look_keeps_the_better_of_the_sequence_and_clopper_pearson(statisti
     fixed-n Clopper-Pearson bounds at s α (each split over classes and sides)."""
     votes = np.random.default_rng(4).multinomial(4000, [0.9, 0.07, 0.03], size=(6, 1))
     trials, selected = np.array([4000]), np.zeros(6, np.int64)
-    rule = EarlyStopping(0.5, "mixture")
+    rule = StoppingRule(0.5, "mixture")
     args = (votes, trials, 9e-4, 0.5, ["cohen"], statistics, selected, 4000)
     last = look_certificate(rule, *args, final_level=1e-4)
     sequence = look_certificate(rule, *args)
@@ -287,7 +288,7 @@ def test_decided_images_drop_out_and_the_rest_keep_sampling(method):
         calls.append((first_draw, images.tolist(), num_new))
         return np.stack([rng.multinomial(num_new, p[i]) for i in images])
 
-    rule = EarlyStopping(0.5, method, first_look=50)
+    rule = StoppingRule(0.5, method, first_look=50)
     cert = run_sequential(draw, 3, 2, 6400, rule, 0.001, 1.0, "cohen")
     assert calls[0] == (0, [0, 1, 2], 50)
     # every call continues where the previous one stopped: no draw is counted twice
@@ -309,12 +310,12 @@ def test_per_image_targets_and_budget_mode():
         return run_sequential(draw, 3, 2, 20_000, rule, 1e-3, 1.0, "cohen")
 
     # image 0 needs little at r = 0.1, image 1 much more at r = 1.5 (p1 >= Φ(1.5) ≈ 0.93)
-    target = run(EarlyStopping([0.1, 1.5, 0.1]))
+    target = run(StoppingRule([0.1, 1.5, 0.1]))
     assert target.num_samples[0] < target.num_samples[1] < 20_000
     assert target.radius[0] >= 0.1 and target.radius[1] >= 1.5 and target.prediction[2] == 0
     # budget mode: each image runs until its radius is within the gain of the reachable
     # one, which takes more draws than the targets, and more for a smaller gain
-    budget, loose = run(EarlyStopping(None, min_gain=0.05)), run(EarlyStopping(None, min_gain=0.3))
+    budget, loose = run(StoppingRule(None, min_gain=0.05)), run(StoppingRule(None, min_gain=0.3))
     assert np.all(loose.num_samples < budget.num_samples) and np.all(budget.num_samples < 20_000)
     assert np.all(budget.num_samples > target.num_samples)
 
@@ -325,7 +326,7 @@ def test_futility_decides_when_never_what():
     images, max_samples = 300, 4000
     p1 = np.repeat([0.97, 0.9, 0.85], images // 3)  # Φ⁻¹(p1) ≈ 1.88, 1.28, 1.04 vs r = 1.2
     draw = per_image_streams(np.stack([p1, 1 - p1], axis=1), max_samples, seed=5)
-    certs = [run_sequential(draw, images, 2, max_samples, EarlyStopping(1.2, futility_level=level),
+    certs = [run_sequential(draw, images, 2, max_samples, StoppingRule(1.2, futility_level=level),
                             1e-3, 1.0, "cohen") for level in (0.001, 0.3)]
     # the hopeless third: the larger level gives up sooner
     hopeless = p1 == 0.85
@@ -344,7 +345,7 @@ def test_early_stopping_is_sound_on_a_linear_classifier_and_saves_samples(linear
     model, x, label, exact = linear_problem
     sigma, target, max_samples = 0.5, 0.25, 4000
     sc = SmoothedClassifier(model, 2, GaussianNoise(sigma))
-    seq = certify_sequential(sc, x, max_samples, EarlyStopping(target, method), alpha=1e-4,
+    seq = certify_sequential(sc, x, max_samples, StoppingRule(target, method), alpha=1e-4,
                              bound=("cohen", "renyi"), statistics=statistics, seed=3)
     certified = seq.prediction >= 0
     assert np.all(seq.prediction[certified] == label[certified])
@@ -371,7 +372,7 @@ def test_undecidable_inputs_stop_early_and_abstain(method):
     model = linear_model(np.ones(16) / 4, -2.0)  # w·x + b = 0 at x = 0.5
     sc = SmoothedClassifier(model, 2, GaussianNoise(1.0))
     x = np.full((4, *SHAPE), 0.5, np.float32)
-    cert = certify_sequential(sc, x, 10_000, EarlyStopping(0.5, method), alpha=0.001, seed=0)
+    cert = certify_sequential(sc, x, 10_000, StoppingRule(0.5, method), alpha=0.001, seed=0)
     np.testing.assert_array_equal(cert.prediction, -1)
     assert np.all(cert.num_samples <= 400)  # measured: 32-245 (CS), 100 (checkpoints)
 
@@ -380,7 +381,7 @@ def test_seeded_runs_repeat():
     model = linear_model(np.ones(16) / 4, -2.0)
     sc = SmoothedClassifier(model, 2, GaussianNoise(0.5))
     x = np.random.default_rng(5).random((6, *SHAPE)).astype(np.float32)
-    first, second = (certify_sequential(sc, x, 2000, EarlyStopping(0.3), seed=11)
+    first, second = (certify_sequential(sc, x, 2000, StoppingRule(0.3), seed=11)
                      for _ in range(2))
     np.testing.assert_array_equal(first.counts, second.counts)
     np.testing.assert_array_equal(first.radius, second.radius)
@@ -390,7 +391,7 @@ def test_certify_with_early_stopping_is_certify_sequential():
     model = linear_model(np.ones(16) / 4, -2.0)
     sc = SmoothedClassifier(model, 2, GaussianNoise(0.5))
     x = np.random.default_rng(7).random((6, *SHAPE)).astype(np.float32)
-    rule = EarlyStopping([0.1, 0.2, 0.3, 0.0, 0.5, 0.3], "checkpoints")
+    rule = StoppingRule([0.1, 0.2, 0.3, 0.0, 0.5, 0.3], "checkpoints")
     ours = sc.certify(x, 2000, 0.01, "cohen", early_stopping=rule, seed=3)
     reference = certify_sequential(sc, x, 2000, rule, 0.01, "cohen", seed=3)
     for field in ("prediction", "radius", "counts", "num_samples", "p1_lower", "p2_upper"):
@@ -403,7 +404,7 @@ def test_look_votes_are_a_fixed_run_truncated():
     model = linear_model(np.ones(16) / 4, -2.0)
     sc = SmoothedClassifier(model, 2, GaussianNoise(1.0))
     x = np.random.default_rng(6).random((8, *SHAPE)).astype(np.float32)
-    seq = certify_sequential(sc, x, 3000, EarlyStopping(0.5), alpha=0.001, seed=4,
+    seq = certify_sequential(sc, x, 3000, StoppingRule(0.5), alpha=0.001, seed=4,
                              indices=np.arange(8) * 3)
     for n in np.unique(seq.num_samples):
         stopped = seq.num_samples == n

@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 from scipy import stats as sps
 
-from tfcert import smoothing
+from tfcert.keys import SELECTION, draw_keys, noise_block_size, run_key
 from tfcert.layers import GaussianNoise
 from tfcert.smoothing import SmoothedClassifier
 
@@ -66,18 +66,18 @@ def test_noise_of_an_image_depends_only_on_seed_index_and_draw_number(digits_mod
     assert not np.array_equal(sc.sample_counts(x, 300, seed=5, indices=indices + 1), whole)
     assert not np.array_equal(sc.sample_counts(x, 300, seed=6, indices=indices), whole)
     assert not np.array_equal(
-        sc.sample_counts(x, 300, seed=5, indices=indices, stream=smoothing.SELECTION), whole)
+        sc.sample_counts(x, 300, seed=5, indices=indices, stream=SELECTION), whole)
 
 
 def test_noise_blocks_and_keys():
-    assert [smoothing.noise_block_size(s) for s in ((8, 8, 1), (28, 28, 1), (32, 32, 3),
+    assert [noise_block_size(s) for s in ((8, 8, 1), (28, 28, 1), (32, 32, 3),
                                                     (224, 224, 3))] == [64, 16, 4, 1]
-    np.testing.assert_array_equal(smoothing.run_key(7), [7, 0])
-    np.testing.assert_array_equal(smoothing.run_key((3, 4)), [3, 4])
-    assert not np.array_equal(smoothing.run_key(), smoothing.run_key())  # OS entropy
+    np.testing.assert_array_equal(run_key(7), [7, 0])
+    np.testing.assert_array_equal(run_key((3, 4)), [3, 4])
+    assert not np.array_equal(run_key(), run_key())  # OS entropy
     with pytest.raises(ValueError, match="pair of ints"):
-        smoothing.run_key(1.5)
-    keys = smoothing.draw_keys([1, 2], 0, [0, 1, 0]).numpy()
+        run_key(1.5)
+    keys = draw_keys([1, 2], 0, [0, 1, 0]).numpy()
     assert keys.shape == (3, 2) and np.array_equal(keys[0], keys[2])
     assert not np.array_equal(keys[0], keys[1])
 

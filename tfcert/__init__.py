@@ -17,17 +17,17 @@ import importlib
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("adversarial_training", "analysis", "attacks", "bench", "bounds", "cli", "data",
-               "certification", "confidence_sequences", "export", "kl", "layers", "models",
-               "results", "robust_accuracy",
+_SUBMODULES = ("adversarial_training", "analysis", "attacks", "bench", "bounds", "certificate",
+               "certification", "cli", "confidence_sequences", "data", "devices", "export",
+               "keys", "kl", "layers", "models", "results", "robust_accuracy",
                "scripts", "sequential", "smoothing", "stats", "training")
 _NAMES = {
-    "SmoothedClassifier": "smoothing", "Certificate": "smoothing",
+    "SmoothedClassifier": "smoothing", "Certificate": "certificate",
     "StabilityModel": "training", "GaussianAugmentationModel": "training",
     "RobustTrainingModel": "training", "ConsistencyModel": "training",
     "MACERModel": "training", "SmoothAdvModel": "training",
     "AdversarialTrainingModel": "adversarial_training", "TRADESModel": "adversarial_training",
-    "EarlyStopping": "sequential", "certify_sequential": "sequential",
+    "StoppingRule": "sequential", "certify_sequential": "sequential",
 }
 
 

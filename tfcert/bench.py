@@ -5,7 +5,7 @@
 Prints a report (docs/PERFORMANCE.md shows one with the machine it ran on):
 
 1. machine: CPU model, cores, SIMD flags (AVX-512 / AMX / BF16), native bfloat16 or
-   not (`tfcert.smoothing.native_bfloat16`), TensorFlow/Keras versions, load average;
+   not (`tfcert.devices.native_bfloat16`), TensorFlow/Keras versions, load average;
 2. sampling throughput on the STN MNIST CNN (noisy samples per second), every method
    at the same pass size, interleaved in rounds so that each round's ratios to the bare
    model are measured under the same load (the machine may be shared):
@@ -143,7 +143,7 @@ def machine() -> dict:
     import keras
     import tensorflow as tf
 
-    from tfcert.smoothing import cpu_flags, native_bfloat16
+    from tfcert.devices import cpu_flags, native_bfloat16
 
     model_name = platform.processor()
     try:
@@ -558,7 +558,7 @@ def early_stopping_comparison(model) -> dict:
     """
     from tfcert import data
     from tfcert.layers import GaussianNoise
-    from tfcert.sequential import EarlyStopping, certify_sequential
+    from tfcert.sequential import StoppingRule, certify_sequential
     from tfcert.smoothing import SmoothedClassifier
 
     images, n = (6, 400) if FLAGS.quick else (FLAGS.early_images, FLAGS.early_max_samples)
@@ -575,7 +575,7 @@ def early_stopping_comparison(model) -> dict:
     seconds[f"fixed n = {n}"] = time.perf_counter() - start
     for method in FLAGS.early_methods:
         start = time.perf_counter()
-        runs[method] = certify_sequential(smoothed, x, n, EarlyStopping(target, method), **options)
+        runs[method] = certify_sequential(smoothed, x, n, StoppingRule(target, method), **options)
         seconds[method] = time.perf_counter() - start
     fixed = next(iter(runs.values()))
     rows = {name: _early_stopping_row(cert, fixed, y, target, seconds[name], n)

@@ -11,7 +11,7 @@ What makes a finished run trustworthy:
   anything is written (growing or shrinking ``num_examples`` only changes which rows
   are wanted).
 - **Per-example noise.** The noise of an example is keyed by (seed, its index in the
-  split, draw number) (`tfcert.smoothing.draw_keys`), so its row does not depend on the
+  split, draw number) (`tfcert.keys.draw_keys`), so its row does not depend on the
   batch, the pass size, a resume point or a shard.
 - **Shards.** ``num_shards = N, shard_index = j`` certifies the selected positions
   i ≡ j (mod N); `merge_runs` joins the shard directories into one run whose rows are
@@ -191,12 +191,12 @@ class L2Certifier:
                                            compute_dtype=self.o.compute_dtype)
 
     def rule(self):
-        """The `tfcert.sequential.EarlyStopping` rule of the options."""
-        from tfcert.sequential import EarlyStopping
+        """The `tfcert.sequential.StoppingRule` rule of the options."""
+        from tfcert.sequential import StoppingRule
 
         o = self.o
         growth = o.checkpoint_growth if o.stopping_method == "checkpoints" else None
-        return EarlyStopping(o.target_radius, o.stopping_method, o.min_radius_gain,
+        return StoppingRule(o.target_radius, o.stopping_method, o.min_radius_gain,
                              first_look=o.first_checkpoint, growth=growth)
 
     def certify(self, images, labels, indices) -> list[dict]:
@@ -290,10 +290,11 @@ class KLCertifier:
         self.pools = pools
 
     def certify(self, images, labels, indices) -> list[dict]:
-        from tfcert import kl, smoothing
+        from tfcert import kl
+        from tfcert.keys import draw_keys, run_key
 
         o = self.o
-        keys = smoothing.draw_keys(smoothing.run_key(o.seed), kl.CENTER_STREAM, indices)
+        keys = draw_keys(run_key(o.seed), kl.CENTER_STREAM, indices)
         rows = [{} for _ in labels]
         for pool, smoothed in self.defenses.items():
             counts = smoothed.sample_counts(images, o.num_samples, seed=o.seed, indices=indices)

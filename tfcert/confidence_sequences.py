@@ -59,15 +59,17 @@ Classifiers, ICLR) certify predetermined radii with adaptive sampling and report
 55x fewer samples; :mod:`tfcert.sequential` uses these sequences the same way.
 
 Every function here maps op for op onto core TensorFlow (``tf.math.lbeta``,
-``tf.math.xlogy``, ``tf.math.xlog1py``, ``tf.math.betainc``, ``tf.math.log1p``, a
-``tf.while_loop`` of ``BISECTION_STEPS`` steps), so an exported serving signature can
-compute the same bounds in-graph.
+``tf.math.xlogy``, ``tf.math.xlog1py``, ``tf.math.betainc``, ``tf.math.log1p``), and the
+bounds are inverted by `tfcert.bisection.bisect` (``BISECTION_STEPS`` steps), so an
+exported serving signature can compute the same bounds in-graph.
 """
 
 from __future__ import annotations
 
 import numpy as np
 from scipy import special
+
+from tfcert.bisection import bisect
 
 # Default Beta(a, b) prior of the mixture: uniform.  Tuned by simulating the votes of
 # held-out test images (docs/PERFORMANCE.md, early stopping): mean samples per image at
@@ -119,17 +121,10 @@ def _rejected(log_evidence: np.ndarray, magnitude: np.ndarray, alpha: float) -> 
 
 
 def _bisect(rejects, high: np.ndarray) -> np.ndarray:
-    """Largest point of a bisection of ``[0, high]`` where ``rejects`` holds (or 0).
-
-    ``rejects(p)`` must be non-increasing in p (true, then false); the returned lower end
-    of the bracket is always a rejected point or 0.
-    """
-    low = np.zeros_like(high)
-    for _ in range(BISECTION_STEPS):
-        mid = 0.5 * (low + high)
-        below = rejects(mid)
-        low, high = np.where(below, mid, low), np.where(below, high, mid)
-    return low
+    """The lower end of a bisection of ``[0, high]`` (`tfcert.bisection.bisect`, eagerly):
+    a point where ``rejects`` (non-increasing in p: true, then false) held, or 0."""
+    low, _ = bisect(rejects, np.zeros_like(high), high, BISECTION_STEPS)
+    return low.numpy()
 
 
 # ------------------------------------------------------------------ beta-binomial mixture

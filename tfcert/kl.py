@@ -39,13 +39,14 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from tfcert import stats
+from tfcert.bisection import bisect
 from tfcert.layers.discretization import (RandomizedDiscretization, default_sharpness,
                                           max_pool, sample_candidates, select_centers)
 
 _STANDARD_NORMAL = tfp.distributions.Normal(np.float64(0.0), np.float64(1.0))
 
 #: Stream number of the KL bound's center draws under a run key (the vote streams of
-#: :mod:`tfcert.smoothing` are 0 and 1): image keys are
+#: :mod:`tfcert.keys` are 0 and 1): image keys are
 #: ``fold_in(fold_in(run_key, CENTER_STREAM), image_index)``.
 CENTER_STREAM = 2
 #: Default M.  On 20 MNIST test digits (k = 2, σ = τ = 0.15) the pixel bound is then 6%
@@ -60,8 +61,6 @@ _SETS_PER_KEY = 64
 _CHUNK_ELEMENTS = 2 ** 16
 #: Largest bet of the betting bound (Waudby-Smith & Ramdas use 1/2 or 3/4).
 _MAX_BET = 0.75
-#: Bisection halvings of [0, 1]: more than the 53 bits of a float64.
-_BISECTION_STEPS = 64
 # Sub-streams of an image key.
 _CENTERS, _NOISE = 0, 1
 
@@ -306,15 +305,11 @@ def _betting_bound(samples: tf.Tensor, alpha: float) -> tf.Tensor:
     log_level = -np.log(alpha)
     bets = tf.minimum(tf.sqrt(2.0 * log_level / (draws * previous_var)), _MAX_BET)
 
-    def halve(lower, upper):
-        middle = (lower + upper) / 2.0
-        log_capital = tf.reduce_max(tf.cumsum(tf.math.log1p(bets * (middle - flat)), 0), 0)
-        rejected = log_capital >= log_level  # K_t(middle) reached 1/α: the mean is below
-        return tf.where(rejected, lower, middle), tf.where(rejected, middle, upper)
+    def not_rejected(middle):  # K_t(middle) stays below 1/α (it grows with middle)
+        return tf.reduce_max(tf.cumsum(tf.math.log1p(bets * (middle - flat)), 0), 0) < log_level
 
-    _, upper = tf.while_loop(lambda lower, upper: True, halve,
-                             (tf.zeros_like(flat[0]), tf.ones_like(flat[0])),
-                             maximum_iterations=_BISECTION_STEPS)
+    # The upper end is a rejected point (or 1): the bound is rounded up.
+    _, upper = bisect(not_rejected, tf.zeros_like(flat[0]), tf.ones_like(flat[0]))
     return tf.reshape(upper, tf.shape(samples)[1:])
 
 
@@ -439,7 +434,7 @@ def randdisc_kl_bound(x: tf.Tensor | np.ndarray, eps: float | Sequence[float],
         num_noise_samples: noise draws per pixel and center set (q > 1 only).
         kl_alpha: α′, the failure probability of the bound on the pixel term.
         keys: per-image stateless keys, int [B, 2] (e.g. ``fold_in(fold_in(run_key,
-            CENTER_STREAM), image_index)``, as :func:`tfcert.smoothing.draw_keys` makes).
+            CENTER_STREAM), image_index)``, as :func:`tfcert.keys.draw_keys` makes).
         seed: instead of ``keys``: an int run key [seed, 0] for images 0 … B−1 of this
             batch; None (and no keys): a fresh run key from OS entropy.
 

@@ -22,7 +22,7 @@ stdout, ``robust_accuracy.tsv``, ``robust_accuracy.png`` and ``summary.txt``.
 **Per-example randomness** (``config.json``: ``"randomness": "per-example"``).  Every
 random draw of a row (the attack's random start, proposals and EOT draws, the
 defense's draws when it classifies, the smoothed defense's votes) comes from stateless
-keys of the example alone: `tfcert.smoothing.draw_keys` of a run key made from
+keys of the example alone: `tfcert.keys.draw_keys` of a run key made from
 (``--seed``, purpose, ε) and the example's index in the split (`purpose_keys`; ε is left
 out for the minimum-norm attacks, whose attack serves every ε, and for the clean
 prediction).  So a row does not depend on ``--batch_size``, on the other examples of its
@@ -194,20 +194,19 @@ def purpose_key(seed: int, purpose: int, eps: float | None = None) -> "np.ndarra
     `numpy.random.SeedSequence` of the seed, the purpose and ε's float64 bits."""
     import numpy as np
 
-    from tfcert import smoothing
+    from tfcert.keys import run_key
 
     entropy = [seed, purpose] + ([] if eps is None else [int(np.float64(eps).view(np.int64))])
-    return smoothing.run_key(np.random.SeedSequence(entropy).generate_state(2, np.uint64)
-                             .view(np.int64))
+    return run_key(np.random.SeedSequence(entropy).generate_state(2, np.uint64).view(np.int64))
 
 
 def purpose_keys(seed: int, purpose: int, eps: float | None, indices) -> "tf.Tensor":
-    """Per-example keys int64 [batch, 2] of a purpose: `tfcert.smoothing.draw_keys` of the
+    """Per-example keys int64 [batch, 2] of a purpose: `tfcert.keys.draw_keys` of the
     run key `purpose_key` and the examples' indices (what `SmoothedClassifier.sample_counts`
     derives from that run key and the indices)."""
-    from tfcert import smoothing
+    from tfcert.keys import ESTIMATION, draw_keys
 
-    return smoothing.draw_keys(purpose_key(seed, purpose, eps), smoothing.ESTIMATION, indices)
+    return draw_keys(purpose_key(seed, purpose, eps), ESTIMATION, indices)
 
 
 class Attacker:
@@ -341,6 +340,7 @@ def build_defense(o, base, num_classes: int) -> Defense:
 
     from tfcert import smoothing
     from tfcert.attacks import KeyedDefense
+    from tfcert.keys import ESTIMATION, draw_keys
 
     model = KeyedDefense(base, defense_layer(o))
     if o.defense == "smoothed":
@@ -351,7 +351,7 @@ def build_defense(o, base, num_classes: int) -> Defense:
                          reduce_retracing=True)
 
     def scores(x, run_key, indices):
-        keys = smoothing.draw_keys(run_key, smoothing.ESTIMATION, indices)
+        keys = draw_keys(run_key, ESTIMATION, indices)
         return logits(tf.constant(x), keys).numpy()
 
     return Defense(model, scores)

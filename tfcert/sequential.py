@@ -7,7 +7,7 @@ runner-up is close will never reach the radius.  `certify_sequential` looks at t
 votes of every undecided image after each batch of draws ("look"), stops each image as
 soon as it is decided, and keeps sampling the others, batched together.
 
-Bounds (``EarlyStopping.method``):
+Bounds (``StoppingRule.method``):
 
 * ``"mixture"`` (default): the one-sided beta-binomial mixture confidence sequence of
   :func:`tfcert.confidence_sequences.mixture_lower` (Robbins 1970);
@@ -38,7 +38,7 @@ fixed-n Clopper-Pearson bounds at level ``final_share · α`` (split the same wa
 keeps the better bound of each pair, so the images that need every draw keep nearly
 their fixed-n certificate (a CS is wider than a fixed-n bound at its n).
 
-Stopping rules (`EarlyStopping`), from the votes only:
+Stopping rules (`StoppingRule`), from the votes only:
 
 * *target*: stop once certified with radius >= the image's ``target_radius`` (first
   requested bound; an array gives one target per image);
@@ -68,7 +68,7 @@ are kept (``[images, looks, k]`` int64: the betting bets depend on them).
 
 Example:
 
->>> rule = tfcert.sequential.EarlyStopping(target_radius=0.5)
+>>> rule = tfcert.sequential.StoppingRule(target_radius=0.5)
 >>> cert = tfcert.sequential.certify_sequential(sc, x_test[:100], 10_000, rule, alpha=0.001)
 >>> cert.prediction, cert.radius, cert.num_samples  # draws spent per image
 """
@@ -76,17 +76,16 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
-import tensorflow as tf
 
 from tfcert import confidence_sequences as cs
 from tfcert import stats
-from tfcert.smoothing import (ABSTAIN, RADII, STATISTICS, Certificate, SmoothedClassifier,
-                              bound_names, certificate_from_counts, run_key)
+from tfcert.certificate import (ABSTAIN, Certificate, bound_names, certificate_from_bounds,
+                                certificate_from_counts, check_statistics, compiled_radius)
+from tfcert.keys import run_key
 
 # Default share of α of the last look's Clopper-Pearson bounds with a confidence sequence:
 # the images that need every sample keep (nearly) their fixed-n certificate, for ~5% more
@@ -99,6 +98,21 @@ DEFAULT_METHOD = "mixture"
 SCHEDULES = {"mixture": (32, 1.1, FINAL_SHARE), "betting": (32, 1.1, FINAL_SHARE),
              "checkpoints": (100, 2.0, 0.5)}
 
+class Smoothed(Protocol):
+    """What `certify_sequential` uses of a `tfcert.smoothing.SmoothedClassifier`."""
+
+    num_classes: int
+
+    @property
+    def sigma(self) -> float: ...
+
+    def sample_counts(self, x, num_samples: int, batch_size: int | None = None, seed=None,
+                      indices=None, first_draw: int = 0) -> np.ndarray: ...
+
+    def select(self, x, num_selection_samples: int, batch_size: int | None = None, seed=None,
+               indices=None) -> np.ndarray: ...
+
+
 # draw(images, first_draw, num_new) -> int [len(images), k] votes of the draws numbered
 # first_draw … first_draw + num_new − 1 of each of `images` (indices into the batch): every
 # call asks for draws no earlier call has seen.
@@ -106,7 +120,7 @@ Draw = Callable[[np.ndarray, int, int], np.ndarray]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class EarlyStopping:
+class StoppingRule:
     """How the votes are bounded, when they are looked at, and when an image stops.
 
     Args:
@@ -256,30 +270,7 @@ def _complement_up(x: np.ndarray) -> np.ndarray:
     return np.array(stats.complement_up(np.asarray(x, np.float64)))
 
 
-@functools.lru_cache(maxsize=None)
-def _compiled_radius(name: str) -> Callable:
-    """``RADII[name]`` as a ``tf.function`` (an eager Rényi search costs ~0.1 s a call)."""
-    return tf.function(RADII[name], reduce_retracing=True)
-
-
-def _radius(name: str, p1: np.ndarray, p2: np.ndarray, sigma: float) -> np.ndarray:
-    """float64 radius ``name`` of the bounds, 0 where ``p1 <= p2``."""
-    p1, p2 = (tf.constant(np.asarray(p, np.float64)) for p in (p1, p2))
-    radius = np.asarray(_compiled_radius(name)(p1, p2, tf.constant(float(sigma), tf.float64)))
-    return np.where(p1.numpy() > p2.numpy(), radius, 0.0)
-
-
-def _certificate(counts: np.ndarray, top: np.ndarray, p1: np.ndarray, p2: np.ndarray,
-                 sigma: float, names: list[str], used: int) -> Certificate:
-    """The `Certificate` of bounds ``p1`` (top class, lower) and ``p2`` (others, upper)."""
-    certified = p1 > p2
-    radii = {name: _radius(name, p1, p2, sigma) for name in names}
-    return Certificate(prediction=np.where(certified, top, ABSTAIN).astype(np.int64),
-                       radius=radii[names[0]], radii=radii, counts=counts.copy(),
-                       p1_lower=p1, p2_upper=p2, num_samples=np.full(len(counts), used, np.int64))
-
-
-def look_certificate(rule: EarlyStopping, votes: np.ndarray, trials: np.ndarray, level: float,
+def look_certificate(rule: StoppingRule, votes: np.ndarray, trials: np.ndarray, level: float,
                      sigma: float, names: list[str], statistics: str,
                      selected: np.ndarray | None, used: int,
                      final_level: float = 0.0) -> Certificate:
@@ -292,7 +283,8 @@ def look_certificate(rule: EarlyStopping, votes: np.ndarray, trials: np.ndarray,
     if statistics == "cohen":
         top = np.asarray(selected, np.int64)
         p1 = rule.lower(votes[rows, :, top], trials, level, final_level)
-        return _certificate(counts, top, p1, _complement_up(p1), sigma, names, used)
+        return certificate_from_bounds(counts, top, p1, _complement_up(p1), sigma, names,
+                                       np.full(len(counts), used))
     num_images, looks, k = votes.shape
     top = np.argmax(counts, axis=1)
     side, final_side = level / (2 * k), final_level / (2 * k)
@@ -301,10 +293,10 @@ def look_certificate(rule: EarlyStopping, votes: np.ndarray, trials: np.ndarray,
                        final_side).reshape(num_images, k)
     upper[rows, top] = 0.0
     p2 = np.minimum(upper.max(axis=1), _complement_up(p1))
-    return _certificate(counts, top, p1, p2, sigma, names, used)
+    return certificate_from_bounds(counts, top, p1, p2, sigma, names, np.full(len(counts), used))
 
 
-def reachable_radius(rule: EarlyStopping, votes: np.ndarray, trials: np.ndarray,
+def reachable_radius(rule: StoppingRule, votes: np.ndarray, trials: np.ndarray,
                      future: np.ndarray, levels: tuple[float, float], sigma: float, bound: str,
                      statistics: str, selected: np.ndarray | None = None) -> np.ndarray:
     """The radius of each image's certificate at the last look if the draws of the
@@ -338,10 +330,10 @@ def reachable_radius(rule: EarlyStopping, votes: np.ndarray, trials: np.ndarray,
         p2_rate = rule.lower(runner_votes, trials, rule.futility_level)
         p2 = np.minimum(rule.upper(final_votes(runner_votes, p2_rate), all_trials, *sides),
                         _complement_up(p1))
-    return _radius(bound, p1, p2, sigma)
+    return compiled_radius(bound, p1, p2, sigma)
 
 
-def decided(rule: EarlyStopping, cert: Certificate, targets: np.ndarray,
+def decided(rule: StoppingRule, cert: Certificate, targets: np.ndarray,
             reachable: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
     """bool [images]: the images that stop at this look (module docstring, stopping rules).
 
@@ -363,7 +355,7 @@ def decided(rule: EarlyStopping, cert: Certificate, targets: np.ndarray,
 
 
 def run_sequential(draw: Draw, num_images: int, num_classes: int, max_samples: int,
-                   rule: EarlyStopping, alpha: float, sigma: float,
+                   rule: StoppingRule, alpha: float, sigma: float,
                    bound: str | Sequence[str] = "renyi", statistics: str = "simultaneous",
                    selected: np.ndarray | None = None,
                    selection_samples: int = 0) -> Certificate:
@@ -386,8 +378,7 @@ def run_sequential(draw: Draw, num_images: int, num_classes: int, max_samples: i
         ``num_samples`` are the draws spent on that image.
     """
     names = bound_names(bound)
-    if statistics not in STATISTICS:
-        raise ValueError(f"unknown statistics {statistics!r}; choose from {STATISTICS}")
+    check_statistics(statistics)
     selected = None if selected is None else np.asarray(selected, np.int64)
     looks = rule.looks(max_samples)
     trials = np.diff(looks, prepend=0)
@@ -420,7 +411,7 @@ def run_sequential(draw: Draw, num_images: int, num_classes: int, max_samples: i
     return result
 
 
-def certify_sequential(smoothed: SmoothedClassifier, x, max_samples: int, rule: EarlyStopping,
+def certify_sequential(smoothed: Smoothed, x, max_samples: int, rule: StoppingRule,
                        alpha: float = 0.001, bound: str | Sequence[str] = "renyi",
                        statistics: str = "simultaneous", num_selection_samples: int = 100,
                        batch_size: int | None = None, seed: int | Sequence[int] | None = None,

@@ -17,13 +17,16 @@ Certificates (each holds with probability ≥ 1 − α over the sampling):
 
 and on the same bounds the radii ``"renyi"`` (STN Theorem 2), ``"cohen"`` and
 ``"pixeldp"``.  A certificate that is empty (p1_low ≤ p2_up) abstains (prediction −1,
-radius 0).  :mod:`tfcert.sequential` certifies with early stopping on the same machinery.
+radius 0).  The certificate and PREDICT's test are those of :mod:`tfcert.certificate`
+(the one implementation every path calls); :mod:`tfcert.sequential` certifies with early
+stopping on the same machinery, :mod:`tfcert.keys` names the noise of every draw and
+:mod:`tfcert.devices` sizes the passes.
 
 Speed (docs/PERFORMANCE.md): the noise, the argmax and the counting cost about 1% of
 the base model's forward pass, so sampling runs at the model's own batched speed.
 ``compute_dtype="bfloat16"`` runs the base model in Keras mixed bfloat16 (noise still
 added in float32, statistics in float64); it is off by default because it only pays
-on hardware with native bfloat16 (``"auto"`` checks, see `native_bfloat16`).
+on hardware with native bfloat16 (``"auto"`` checks, `tfcert.devices.native_bfloat16`).
 ``strategy=tf.distribute.MirroredStrategy()`` spreads the passes over the devices of a
 machine with the same votes as one device (`SmoothedClassifier`).
 """
@@ -31,196 +34,22 @@ machine with the same votes as one device (`SmoothedClassifier`).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import glob
-import os
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Callable, Sequence
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from tfcert import bounds, stats
+from tfcert import stats
+from tfcert.certificate import (Certificate, bound_names, certificate_from_counts,
+                                check_statistics, predict_counts)
+from tfcert.devices import (COMPUTE_DTYPES, MAX_PASS_SIZE, activation_bytes, bfloat16_clone,
+                            clone_with_weights, native_bfloat16, pass_memory)
+from tfcert.keys import (ESTIMATION, SELECTION, draw_keys, image_indices, noise_block_size,
+                         run_key)
 from tfcert.layers.base import RandomizedLayer
 from tfcert.layers.noise import GaussianNoise
-
-if TYPE_CHECKING:  # tfcert.sequential imports this module
-    from tfcert.sequential import EarlyStopping
-
-RADII = {"renyi": bounds.renyi_radius, "cohen": bounds.cohen_radius,
-         "pixeldp": bounds.pixeldp_radius}
-STATISTICS = ("simultaneous", "cohen")
-COMPUTE_DTYPES = ("float32", "bfloat16", "auto")
-ABSTAIN = -1
-# Noise streams of one run key (`draw_keys`): Cohen's selection draws never coincide with
-# the estimation draws.
-ESTIMATION, SELECTION = 0, 1
-# Noise blocks (`noise_block_size`): draws seeded together, 64 KiB of float32 noise at most.
-NOISE_BLOCK_BYTES = 2 ** 16
-MAX_NOISE_BLOCK = 64
-# Automatic pass size (`pass_memory`, docs/PERFORMANCE.md): on CPU the live activations of
-# a pass fit the last-level cache (the STN MNIST CNN runs 5-10% faster at 128 inputs per
-# pass than at >= 512, whose activations spill out of a 32 MiB L3; the per-pass overhead,
-# ~0.5 ms, is < 1% from ~32 inputs on); on GPU a larger budget keeps the device busy.
-CPU_CACHE_DEFAULT = 32 * 2 ** 20  # where sysfs does not tell the cache size
-GPU_PASS_MEMORY = 256 * 2 ** 20
-PASS_DEVICES = ("cpu", "gpu")
-MAX_PASS_SIZE = 4096
-# CPU feature flags (/proc/cpuinfo) of native bfloat16 arithmetic: x86 AVX-512 BF16 and
-# AMX, Arm BF16.
-BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
-
-
-@dataclasses.dataclass
-class Certificate:
-    """Per-image result of `SmoothedClassifier.certify` (numpy arrays, batch first).
-
-    Attributes:
-        prediction: int64 class, −1 where the classifier abstains.
-        radius: float64 certified ℓ2 radius of the first requested bound (0 if abstain).
-        radii: every requested bound's radius, by name.
-        counts: int64 [batch, num_classes] votes the bounds were computed from.
-        p1_lower: lower confidence bound of the top class probability.
-        p2_upper: upper confidence bound of the runner-up probability.
-        num_samples: int64 [batch], noisy draws spent on each image (the votes in
-            ``counts`` plus the selection samples under Cohen's statistics); they
-            differ between images under early stopping (:mod:`tfcert.sequential`).
-    """
-
-    prediction: np.ndarray
-    radius: np.ndarray
-    radii: dict[str, np.ndarray]
-    counts: np.ndarray
-    p1_lower: np.ndarray
-    p2_upper: np.ndarray
-    num_samples: np.ndarray
-
-
-def bound_names(bound: str | Sequence[str]) -> list[str]:
-    """``bound`` as a checked, non-empty list of radius names (keys of `RADII`)."""
-    names = [bound] if isinstance(bound, str) else list(bound)
-    unknown = [b for b in names if b not in RADII]
-    if not names or unknown:
-        raise ValueError(f"unknown bound(s) {unknown or names}; choose from {sorted(RADII)}")
-    return names
-
-
-def noise_block_size(image_shape: Sequence[int]) -> int:
-    """Draws per noise block for images of this shape (a function of the shape only).
-
-    The largest power of two up to ``MAX_NOISE_BLOCK`` whose float32 noise fits in
-    ``NOISE_BLOCK_BYTES``, at least 1: 64 for 8x8 digits, 16 for 28x28 MNIST, 4 for
-    CIFAR-10, 1 for ImageNet.  Larger blocks mean fewer seeded noise calls per pass.
-    """
-    fit = NOISE_BLOCK_BYTES // (4 * int(np.prod([int(d) for d in image_shape])))
-    return int(2 ** int(np.floor(np.log2(min(max(fit, 1), MAX_NOISE_BLOCK)))))
-
-
-def run_key(seed: int | Sequence[int] | np.ndarray | None = None) -> np.ndarray:
-    """The stateless run key (int64 [2]) of a seed: ``[seed, 0]`` for an int, the pair
-    itself for a pair, and a fresh key from OS entropy for ``None``."""
-    if seed is None:
-        return np.random.SeedSequence().generate_state(2, np.uint64).view(np.int64)
-    pair = np.asarray([seed, 0] if np.ndim(seed) == 0 else seed)
-    if pair.shape != (2,) or not np.issubdtype(pair.dtype, np.integer):
-        raise ValueError(f"seed must be an int or a pair of ints, got {seed!r}")
-    return pair.astype(np.int64)
-
-
-def draw_keys(keys, stream: int | tf.Tensor, indices) -> tf.Tensor:
-    """Per-image noise keys ``fold_in(fold_in(key_b, stream), index_b)`` (int64 [batch, 2]).
-
-    Args:
-        keys: run key(s), int [2] (one for the batch) or [batch, 2] (one per image).
-        stream: `ESTIMATION` or `SELECTION`: the draws of different streams never
-            coincide, so Cohen's selection votes are independent of the estimation votes.
-        indices: int [batch], the images' indices in their dataset.
-
-    Core TensorFlow ops only (`tf.random.experimental.stateless_fold_in`): the exported
-    signatures derive their keys with it too.
-    """
-    indices = tf.cast(tf.convert_to_tensor(indices), tf.int64)
-    keys = tf.broadcast_to(tf.cast(tf.convert_to_tensor(keys), tf.int64),
-                           tf.stack([tf.size(indices), 2]))
-    stream = tf.cast(stream, tf.int64)
-    fold_in = tf.random.experimental.stateless_fold_in
-    return tf.map_fn(lambda pair: fold_in(fold_in(pair[0], stream), pair[1]), (keys, indices),
-                     fn_output_signature=tf.TensorSpec([2], tf.int64))
-
-
-def _indices(indices, batch: int) -> np.ndarray:
-    """``indices`` as int64 [batch] (default 0 … batch − 1), checked."""
-    if indices is None:
-        return np.arange(batch, dtype=np.int64)
-    indices = np.asarray(indices)
-    if indices.shape != (batch,) or not np.issubdtype(indices.dtype, np.integer):
-        raise ValueError(f"indices must be {batch} ints (one per image), got shape {indices.shape}")
-    return indices.astype(np.int64)
-
-
-def certificate_from_counts(counts: np.ndarray, alpha: float | np.ndarray, sigma: float,
-                            bound: str | Sequence[str] = "renyi",
-                            statistics: str = "simultaneous",
-                            selected: np.ndarray | None = None,
-                            num_samples: np.ndarray | int | None = None) -> Certificate:
-    """STN Algorithm 1 steps 4–6 on vote counts: bounds, prediction and radii.
-
-    Args:
-        counts: ``[batch, k]`` votes, non-negative integers (n = their row sum; an
-            integer-valued float array is accepted, a fractional one refused).
-        alpha: failure probability of each image's certificate, in (0, 1): a scalar, or
-            one per image (``[batch]`` or ``[batch, 1]``).
-        sigma: noise σ of the radii, finite and > 0.
-        bound: radius name(s) of `RADII`; ``radius`` is the first one's.
-        statistics: ``"simultaneous"`` (top class from ``counts``, bounds simultaneous
-            over the k classes) or ``"cohen"`` (``selected`` class from separate
-            selection samples, one-sided bound at level α).
-        selected: int [batch] classes in [0, k) chosen on the selection samples
-            (``"cohen"`` only).
-        num_samples: draws per image recorded in the certificate, whole numbers >= the
-            row sums, a scalar or [batch] (default: the row sums).
-
-    Raises:
-        ValueError: any argument outside this contract, naming it (`tfcert.stats`).
-    """
-    names = bound_names(bound)
-    counts = np.array(stats.vote_counts(counts), np.int64)  # the certificate owns a copy
-    if statistics == "simultaneous":
-        p1_lower, p2_upper, top = stats.simultaneous_bounds(counts, alpha)
-    elif statistics == "cohen":
-        if selected is None:
-            raise ValueError("statistics='cohen' needs the classes selected on separate samples")
-        top = stats.class_indices(selected, counts.shape[1], "selected")
-        p1_lower, p2_upper = stats.cohen_split_bounds(counts, top, alpha)
-    else:
-        raise ValueError(f"unknown statistics {statistics!r}; choose from {STATISTICS}")
-    top = np.array(top, np.int64)
-    p1_lower, p2_upper = np.array(p1_lower, np.float64), np.array(p2_upper, np.float64)
-    certified = p1_lower > p2_upper
-    radii = {name: np.where(certified, np.asarray(RADII[name](p1_lower, p2_upper, sigma)), 0.0)
-             for name in names}
-    return Certificate(prediction=np.where(certified, top, ABSTAIN), radius=radii[names[0]],
-                       radii=radii, counts=counts, p1_lower=p1_lower, p2_upper=p2_upper,
-                       num_samples=_draws_spent(counts, num_samples))
-
-
-def _draws_spent(counts: np.ndarray, num_samples: np.ndarray | int | None) -> np.ndarray:
-    """int64 [batch] draws per image: ``num_samples`` checked (whole, >= the votes), or the
-    row sums of ``counts``."""
-    votes = counts.sum(axis=1)
-    if num_samples is None:
-        return votes
-    used = np.asarray(num_samples)
-    if used.ndim > 1 or used.ndim == 1 and used.shape != votes.shape:
-        raise ValueError(f"num_samples must be a scalar or one per image ({len(votes)}), got "
-                         f"shape {used.shape}")
-    if not (np.issubdtype(used.dtype, np.number) and np.all(np.isfinite(used))
-            and np.all(used % 1 == 0)):
-        raise ValueError(f"num_samples must be whole numbers, got {num_samples}")
-    if np.any(used < votes):
-        raise ValueError(f"num_samples must be >= the votes counted per image, got "
-                         f"{num_samples} for {votes.tolist()[:3]} votes")
-    return np.broadcast_to(used.astype(np.int64), votes.shape).copy()
+from tfcert.sequential import StoppingRule, certify_sequential
 
 
 class SmoothedClassifier:
@@ -297,7 +126,7 @@ class SmoothedClassifier:
             elif strategy is not None and not all(
                     strategy.extended.variable_created_in_scope(w.value)
                     for w in base_model.weights):
-                self.inference_model = _clone_with_weights(
+                self.inference_model = clone_with_weights(
                     base_model, "strategy= needs a base model built under strategy.scope(), "
                     "or one keras.models.clone_model can clone into it")
             else:
@@ -434,7 +263,7 @@ class SmoothedClassifier:
         if int(first_draw) < 0:
             raise ValueError(f"first_draw must be >= 0, got {first_draw}")
         size = int(batch_size) if batch_size else self.pass_size(x.shape[1:])
-        keys = draw_keys(run_key(seed), stream, _indices(indices, len(x)))
+        keys = draw_keys(run_key(seed), stream, image_indices(indices, len(x)))
         counts = self._counter(x.shape[1:])(
             tf.constant(x), keys, tf.constant(int(num_samples), tf.int64),
             tf.constant(size, tf.int64), tf.constant(int(first_draw), tf.int64))
@@ -456,7 +285,7 @@ class SmoothedClassifier:
                 bound: str | Sequence[str] = "renyi", statistics: str = "simultaneous",
                 num_selection_samples: int = 100, batch_size: int | None = None,
                 seed: int | Sequence[int] | None = None, indices=None,
-                early_stopping: EarlyStopping | None = None) -> Certificate:
+                early_stopping: StoppingRule | None = None) -> Certificate:
         """Certified prediction and ℓ2 radius per image (STN Algorithm 1 + Theorem 2).
 
         Args:
@@ -471,26 +300,23 @@ class SmoothedClassifier:
             batch_size: noisy inputs per forward pass.
             seed, indices: as `sample_counts`; the selection draws are the `SELECTION`
                 stream of the same run key, independent of the estimation draws.
-            early_stopping: a `tfcert.sequential.EarlyStopping` rule (target radius per
+            early_stopping: a `tfcert.sequential.StoppingRule` (target radius per
                 image, or budget): each image is sampled only until it is decided,
                 ``num_samples`` being the most draws per image, and the certificate's
                 ``num_samples`` the draws spent (`tfcert.sequential.certify_sequential`).
 
         Example:
 
-        >>> rule = tfcert.sequential.EarlyStopping(target_radius=0.5)
+        >>> rule = tfcert.sequential.StoppingRule(target_radius=0.5)
         >>> cert = sc.certify(x, 10_000, early_stopping=rule, seed=0)
         """
         if early_stopping is not None:
-            from tfcert.sequential import certify_sequential  # it imports this module
-
             return certify_sequential(self, x, num_samples, early_stopping, alpha, bound,
                                       statistics, num_selection_samples, batch_size, seed,
                                       indices)
         bound_names(bound)
-        if statistics not in STATISTICS:
-            raise ValueError(f"unknown statistics {statistics!r}; choose from {STATISTICS}")
-        _image_levels(alpha, len(x))  # checked before any sampling
+        check_statistics(statistics)
+        stats.per_image_level(alpha, tf.TensorShape([len(x)]))  # checked before sampling
         sigma = self.sigma
         key = run_key(seed)  # one run key: the two streams below never share a draw
         counts = self.sample_counts(x, num_samples, batch_size, key, indices)
@@ -518,172 +344,9 @@ class SmoothedClassifier:
         class differs from g(x) with probability at most ``alpha`` (in (0, 1): a
         scalar, or one per image, ``[batch]`` or ``[batch, 1]``).
         """
-        level = _image_levels(alpha, len(x))
+        stats.per_image_level(alpha, tf.TensorShape([len(x)]))  # checked before sampling
         counts = self.sample_counts(x, num_samples, batch_size, seed, indices)
-        top2 = np.sort(counts, axis=1)[:, ::-1][:, :2]
-        pvalue = np.asarray(stats.binomial_test_pvalue(top2[:, 0], top2[:, 0] + top2[:, 1]))
-        return np.where(pvalue <= level, np.argmax(counts, axis=1), ABSTAIN).astype(np.int64)
-
-
-def _image_levels(alpha: float | np.ndarray, batch: int) -> np.ndarray:
-    """``alpha`` checked (in (0, 1); a scalar or one per image, ``[batch]`` or
-    ``[batch, 1]``) as a float64 scalar or ``[batch]`` array."""
-    return stats.per_image_level(alpha, tf.TensorShape([batch])).numpy()
-
-
-# ---------------------------------------------------------------- model speed helpers
-def activation_bytes(model: keras.Model, image_shape: Sequence[int]) -> int:
-    """Peak bytes of live intermediate tensors of ``model`` for one input (an estimate).
-
-    The model is traced once with an unknown batch size; every floating-point tensor
-    whose leading dimension is the batch counts with its per-input size (weights and
-    constants do not).  Walking the ops in graph order, a tensor is live from the op
-    that makes it to its last consumer; the result is the largest live total (at
-    least the input's size).  It ignores the runtime's workspace and fusion, so it is
-    an estimate, not a bound: e.g. 0.29 MB for the STN MNIST CNN, 9.6 MB for ResNet50.
-    """
-    spec = tf.TensorSpec([None, *image_shape], tf.float32)
-    function = tf.function(lambda x: model(x, training=False), autograph=False)
-    operations = function.get_concrete_function(spec).graph.get_operations()
-
-    def size(tensor: tf.Tensor) -> int:
-        shape = tensor.shape
-        per_input = (tensor.dtype.is_floating and shape.rank and shape[0] is None
-                     and shape[1:].is_fully_defined())
-        return shape[1:].num_elements() * tensor.dtype.size if per_input else 0
-
-    last_use = {t.name: i for i, op in enumerate(operations) for t in (*op.outputs, *op.inputs)}
-    freed = np.zeros(len(operations) + 1, np.int64)
-    for op in operations:
-        for tensor in op.outputs:
-            freed[last_use[tensor.name]] += size(tensor)
-    made = np.array([sum(size(t) for t in op.outputs) for op in operations] + [0], np.int64)
-    live = np.cumsum(made) - np.concatenate([[0], np.cumsum(freed)[:-1]])
-    return int(max(live.max(), int(np.prod(image_shape)) * 4))
-
-
-def pass_memory(device: str | None = None) -> int:
-    """Bytes of live activations one automatic pass may use.
-
-    ``GPU_PASS_MEMORY`` (256 MiB) on a GPU; on a CPU the size of the largest CPU cache
-    (the last level, from /sys/devices/system/cpu/cpu0/cache; ``CPU_CACHE_DEFAULT`` =
-    32 MiB where unknown).
-
-    Args:
-        device: ``None``: this machine's (a GPU's if it has one), never more than 1/8
-            of its free memory; ``"cpu"`` or ``"gpu"``: that device's budget, for a
-            model that will run elsewhere (an export for a server), the CPU's read on
-            this machine.
-    """
-    if device is None:
-        local = "gpu" if tf.config.list_physical_devices("GPU") else "cpu"
-        return int(min(pass_memory(local), _free_memory_bytes() // 8))
-    if device not in PASS_DEVICES:
-        raise ValueError(f"device must be one of {PASS_DEVICES} or None, got {device!r}")
-    if device == "gpu":
-        return GPU_PASS_MEMORY
-    return max(_cache_sizes(), default=CPU_CACHE_DEFAULT)
-
-
-def _cache_sizes() -> list[int]:
-    """Sizes in bytes of CPU 0's caches as Linux sysfs lists them ("32768K", "1M")."""
-    units = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30}
-    sizes = []
-    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
-        with open(path) as f:
-            text = f.read().strip()
-        if text[:-1].isdigit() and text[-1] in units:
-            sizes.append(int(text[:-1]) * units[text[-1]])
-    return sizes
-
-
-def native_bfloat16() -> bool:
-    """Whether this machine computes in bfloat16 natively (not emulated).
-
-    True if every visible GPU has compute capability >= 8.0 (Ampere and later), or,
-    without GPUs, if the CPU reports AVX-512 BF16, AMX-BF16 or Arm BF16 in
-    /proc/cpuinfo.  Keras mixed bfloat16 is slower than float32 where it is emulated
-    (measured in docs/PERFORMANCE.md).
-    """
-    gpus = tf.config.list_physical_devices("GPU")
-    if gpus:
-        return all(tuple(tf.config.experimental.get_device_details(gpu).get(
-            "compute_capability", (0, 0))) >= (8, 0) for gpu in gpus)
-    return bool(BF16_CPU_FLAGS & cpu_flags())
-
-
-def cpu_flags() -> set[str]:
-    """The CPU feature flags of /proc/cpuinfo (``flags`` on x86, ``Features`` on Arm);
-    empty where that file does not exist."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return set()
-    return {flag for line in lines if line.split(":")[0].strip() in ("flags", "Features")
-            for flag in line.split(":", 1)[1].split()}
-
-
-def bfloat16_clone(model: keras.Model) -> keras.Model:
-    """``model`` cloned with the Keras ``mixed_bfloat16`` policy and the same weights.
-
-    Every layer computes in bfloat16 with float32 variables, except the output layer,
-    which stays float32 (Keras' advice for mixed precision: logits keep float32
-    resolution, so the argmax does not see bfloat16 ties).  The policy is set per
-    cloned layer, so the global policy is never changed.  Sequential and functional
-    models only (nested ones included).
-    """
-    return policy_clone(model, "mixed_bfloat16")
-
-
-def policy_clone(model: keras.Model, policy: str) -> keras.Model:
-    """``model`` cloned with every layer's dtype policy ``policy`` (a Keras policy name)
-    except the output layer's, float32, and the same weights.
-
-    ``policy_clone(model, "float32")`` is the float32 model to save or certify after
-    mixed-precision training (`tfcert.training.set_precision`): a saved model keeps each
-    layer's policy, so the trained model itself would compute in float16 when loaded.
-    Sequential and functional models only (nested ones included).
-    """
-    output_layer = _output_layer(model)
-
-    def clone_layer(layer):
-        config = layer.get_config()
-        if isinstance(layer, keras.layers.Layer) and "dtype" in config:
-            config["dtype"] = "float32" if layer is output_layer else policy
-        return layer.__class__.from_config(config)
-
-    return _clone_with_weights(
-        model, f"a {policy} clone needs a Sequential or functional base model", clone_layer)
-
-
-def _clone_with_weights(model: keras.Model, requirement: str,
-                        clone_layer: Callable[[keras.layers.Layer], keras.layers.Layer]
-                        | None = None) -> keras.Model:
-    """``model`` cloned layer by layer (``clone_layer``, default: from its config) with the
-    same weights, its variables made in the current distribution scope; a model Keras
-    cannot clone raises ``ValueError(requirement)``."""
-    try:
-        clone = keras.models.clone_model(model, clone_function=clone_layer, recursive=True)
-    # TypeError / NotImplementedError: a layer without get_config.
-    except (ValueError, TypeError, NotImplementedError) as err:
-        raise ValueError(f"{requirement} ({err})") from err
-    clone.set_weights(model.get_weights())
-    return clone
-
-
-def _output_layer(model: keras.Model) -> keras.layers.Layer:
-    """The innermost layer computing the model's output (through nested models)."""
-    layer = model.layers[-1]
-    return _output_layer(layer) if isinstance(layer, keras.Model) and layer.layers else layer
-
-
-def _free_memory_bytes() -> int:
-    """Free physical memory (Linux/macOS sysconf), or 8 GiB where unknown."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 8 * 2 ** 30
+        return predict_counts(counts, alpha)[0].numpy()
 
 
 def _check_images(x) -> np.ndarray:

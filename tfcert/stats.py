@@ -57,11 +57,9 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-TensorLike = tf.Tensor | np.ndarray | float | int
+from tfcert.bisection import bisect
 
-# Bisection steps: the bracket starts as [0, 1] and halves each step, so 64 steps leave
-# it narrower than 2**-64 ≈ 5e-20 (below the float64 spacing of any quantile >= 2**-11).
-BISECTION_STEPS = 64
+TensorLike = tf.Tensor | np.ndarray | float | int
 
 # Bound on the relative error of tf.math.betainc(a, b, x), per unit of a + b, for CDF
 # values up to CENTRE_LEVEL, or any value when a + b <= CENTRE_LEVEL_TRIALS (1024 · 2**-53;
@@ -235,21 +233,12 @@ def _clopper_pearson(counts: TensorLike, n: TensorLike, alpha: TensorLike,
 
 
 def _bisection_lower_quantile(a: tf.Tensor, b: tf.Tensor, level: tf.Tensor) -> tf.Tensor:
-    """The largest x of a bisection of [0, 1] with ``betainc(a, b, x) < level`` (core TF).
-
-    The CDF is increasing in x, so the bracket ``[lo, hi]`` keeps ``I_lo < level <= I_hi``
-    (as evaluated); ``lo`` (0 or an evaluated point) is returned.
-    """
-
-    def step(lo, hi):
-        mid = 0.5 * (lo + hi)
-        below = tf.math.betainc(a, b, mid) < level
-        return tf.where(below, mid, lo), tf.where(below, hi, mid)
-
-    lo, _ = tf.while_loop(lambda lo, hi: True, step,
-                          (tf.zeros_like(level), tf.ones_like(level)),
-                          maximum_iterations=BISECTION_STEPS)
-    return lo
+    """The lower end of a bisection of [0, 1] (`tfcert.bisection.bisect`) for the point
+    where ``betainc(a, b, x) < level`` stops holding: a point evaluated below ``level``
+    (or 0), since the CDF increases in x.  Core TF."""
+    lower, _ = bisect(lambda x: tf.math.betainc(a, b, x) < level, tf.zeros_like(level),
+                      tf.ones_like(level))
+    return lower
 
 
 def _checked_tfp_lower_quantile(a: tf.Tensor, b: tf.Tensor, level: tf.Tensor) -> tf.Tensor:
@@ -311,7 +300,7 @@ def clopper_pearson_graph(counts: TensorLike, n: TensorLike,
                           alpha: TensorLike) -> tuple[tf.Tensor, tf.Tensor]:
     """:func:`clopper_pearson` with core TensorFlow ops only (exportable, no TFP).
 
-    Bisection on ``tf.math.betainc`` with :data:`BISECTION_STEPS` fixed steps (a
+    Bisection on ``tf.math.betainc`` with `tfcert.bisection.STEPS` fixed steps (a
     ``tf.while_loop``, so any batch shape works inside ``tf.function``), at the reduced
     level of the module docstring; the lower quantile is the bracket's lower end.
 

@@ -32,20 +32,20 @@ Every regularizer is a per-example value averaged like a Keras loss (weighted by
 sample weights, divided by the batch size and, under ``tf.distribute``, by the number of
 replicas, so that the summed replica gradients are the gradient of the global mean).
 
-Every objective trains under a ``tf.distribute`` strategy (`make_strategy`) and under
-mixed precision (`set_precision`).  Build the base model, wrap it and compile inside
-``strategy.scope()``, after setting the precision; ``fit`` splits each (global) batch
-over the replicas, whose noise and random starts differ (the replica id is folded into
+Every objective trains under a ``tf.distribute`` strategy (`tfcert.devices.make_strategy`)
+and under mixed precision (`tfcert.devices.set_precision`).  Build the base model, wrap it
+and compile inside ``strategy.scope()``, after setting the precision; ``fit`` splits each
+(global) batch over the replicas, whose noise and random starts differ (the replica id is folded into
 each step's seed, :mod:`tfcert.layers.base`) yet are reproducible with ``seed=``.  Under
 ``"mixed_float16"`` the layers compute in float16 with float32 weights, the built-in
 models' logits layer stays float32 (:mod:`tfcert.models`), the losses and regularizers
 are computed in float32, and ``compile`` wraps the optimizer in a Keras
 ``LossScaleOptimizer`` (the wrapper's dtype policy is ``mixed_float16``), whose scaled
 loss `RobustTrainingModel.train_step` differentiates.  A saved model keeps its layers'
-policies: save ``tfcert.smoothing.policy_clone(base, "float32")`` to certify in float32.
+policies: save ``tfcert.devices.policy_clone(base, "float32")`` to certify in float32.
 
->>> training.set_precision("mixed_float16")
->>> strategy = training.make_strategy("mirrored")        # every GPU of the machine
+>>> devices.set_precision("mixed_float16")
+>>> strategy = devices.make_strategy("mirrored")        # every GPU of the machine
 >>> with strategy.scope():
 ...     model = training.wrap(models.stn_mnist(), "stn", sigma=0.5, gamma=1.0, seed=0)
 ...     model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
@@ -54,74 +54,12 @@ policies: save ``tfcert.smoothing.policy_clone(base, "float32")`` to certify in 
 
 from __future__ import annotations
 
-import json
-import os
-
 import keras
 import tensorflow as tf
 
 from tfcert.attacks.eot import loss_and_gradient, l2_norms, per_example
 from tfcert.attacks.pgd import project
 from tfcert.layers.noise import GaussianNoise
-
-
-STRATEGIES = ("default", "mirrored", "multi_worker")
-PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
-
-
-def make_strategy(name: str) -> tf.distribute.Strategy:
-    """The ``tf.distribute`` strategy ``name`` (one of `STRATEGIES`) for training.
-
-    - ``"default"``: TensorFlow's default strategy (one device, no replicas).
-    - ``"mirrored"``: ``MirroredStrategy`` over every GPU of this machine (the CPU when
-      there is none), synchronous data parallelism with all-reduced gradients.
-    - ``"multi_worker"``: ``MultiWorkerMirroredStrategy``, the same over several
-      machines; each worker runs the same program with its own ``TF_CONFIG``
-      environment variable (``{"cluster": {"worker": [...]}, "task": {"type":
-      "worker", "index": i}}``).  Create it at program start, before other TF ops.
-      Keras 3's ``model.fit`` does not run under it (keras-team/keras#20585; seen here with
-      Keras 3.15): use it with custom loops or `tfcert.smoothing.SmoothedClassifier`.
-
-    Raises a one-line ``ValueError`` for an unknown name, or for ``"multi_worker"``
-    without a valid ``TF_CONFIG``.
-    """
-    if name == "default":
-        return tf.distribute.get_strategy()
-    if name == "mirrored":
-        return tf.distribute.MirroredStrategy()
-    if name != "multi_worker":
-        raise ValueError(f"unknown strategy {name!r}; choose one of {STRATEGIES}")
-    raw = os.environ.get("TF_CONFIG")
-    if not raw:
-        raise ValueError("strategy 'multi_worker' needs the TF_CONFIG environment variable "
-                         '(e.g. {"cluster": {"worker": ["host0:port", "host1:port"]}, '
-                         '"task": {"type": "worker", "index": 0}})')
-    try:
-        config = json.loads(raw)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"TF_CONFIG is not valid JSON ({err})") from None
-    cluster, task = (config.get(key) if isinstance(config, dict) else None
-                     for key in ("cluster", "task"))
-    if not (isinstance(cluster, dict) and cluster.get("worker") and isinstance(task, dict)
-            and "index" in task):
-        raise ValueError('TF_CONFIG needs "cluster" with a "worker" list and "task" with '
-                         f'"type" and "index", got {raw}')
-    return tf.distribute.MultiWorkerMirroredStrategy()
-
-
-def set_precision(precision: str) -> str:
-    """Sets the Keras global dtype policy ``precision`` (one of `PRECISIONS`) for the
-    models and wrappers built afterwards; returns the previous policy's name.
-
-    ``"mixed_float16"`` (GPUs with tensor cores) and ``"mixed_bfloat16"`` (TPUs, recent
-    CPUs and GPUs) compute in 16 bits with float32 weights; see the module doc for what
-    stays float32.  Only ``mixed_float16`` needs loss scaling, which ``compile`` adds.
-    """
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
-    previous = keras.mixed_precision.global_policy().name
-    keras.mixed_precision.set_global_policy(precision)
-    return previous
 
 
 def _batch_mean(values: tf.Tensor, sample_weight: tf.Tensor | None = None) -> tf.Tensor:
@@ -563,7 +501,7 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
     callback starts afresh: it forgets the best value so far and how many epochs ago it
     came, so the resumed run may train up to ``patience`` epochs longer than an
     uninterrupted one.  This one replays the monitored values of the epochs already done
-    through `EarlyStopping`'s own rule at the first epoch of ``fit``, so it stops at the
+    through `keras.callbacks.EarlyStopping`'s own rule at the first epoch of ``fit``, so it stops at the
     epoch an uninterrupted run stops at.
 
     Args:

@@ -20,7 +20,7 @@ example's position) and draws an example's randomness (random start, proposals) 
 own key only.  A `KeyedDefense` (``base(layer(x))``) takes those keys too: its draws for
 example b at the attack's draw number t are ``layer(x_b copies, seed=fold_in(k_b, t))``,
 so with keys derived from the examples' dataset indices (``tfcert-attack`` does this with
-`tfcert.smoothing.draw_keys`) an example's adversarial image does not depend on the rest
+`tfcert.keys.draw_keys`) an example's adversarial image does not depend on the rest
 of its batch, the batch size or the worker.  Any other model (e.g. ``keras.Sequential``
 with a randomized layer) draws from its layers' ``SeedGenerator``s, which advance per call.
 """
@@ -63,7 +63,7 @@ class KeyedDefense:
     Example:
 
     >>> defense = tfcert.attacks.KeyedDefense(base, tfcert.layers.GaussianNoise(0.25))
-    >>> keys = tfcert.smoothing.draw_keys(tfcert.smoothing.run_key(0), 0, indices)
+    >>> keys = tfcert.keys.draw_keys(tfcert.keys.run_key(0), 0, indices)
     >>> x_adv = tfcert.attacks.pgd(defense, x, y, 0.1, eot_samples=20, seed=keys)
     """
 

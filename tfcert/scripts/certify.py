@@ -106,7 +106,7 @@ def run(argv: list[str]) -> None:
     cli.require(FLAGS.model is not None, "--model is required (a .keras file from train.py)")
     cli.require(FLAGS.sigma is not None and FLAGS.sigma > 0, "--sigma must be > 0")
     cli.require(0 < FLAGS.alpha < 1, "--alpha must be in (0, 1)")
-    from tfcert.smoothing import RADII
+    from tfcert.certificate import RADII
 
     early = FLAGS.target_radius is not None or FLAGS.min_radius_gain is not None
     cli.require(not early or FLAGS.defense == "gaussian",

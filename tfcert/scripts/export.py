@@ -47,7 +47,7 @@ flags.DEFINE_enum("serving_device", "cpu", ["cpu", "gpu"],
                   "Device of the TF Serving server; sets the automatic --pass_size: cpu: "
                   "this machine's last-level CPU cache over the model's activation bytes per "
                   "input (serve on a similar CPU); gpu: a 256 MiB activation budget "
-                  "(tfcert.smoothing.GPU_PASS_MEMORY), whatever this machine has; at most "
+                  "(tfcert.devices.GPU_PASS_MEMORY), whatever this machine has; at most "
                   "4096 either way. Recorded in assets/tfcert_config.json.")
 flags.DEFINE_integer("pass_size", None, "Noisy inputs per forward pass inside the graph "
                      "(bounds memory); overrides the automatic size of --serving_device.",

@@ -131,8 +131,8 @@ def run(argv: list[str]) -> None:
     import keras
     import numpy as np
 
-    from tfcert import data, results, training
-    from tfcert.smoothing import policy_clone
+    from tfcert import data, devices, results, training
+    from tfcert.devices import policy_clone
 
     strategy = distribution()
     meta = data.info(FLAGS.dataset) if FLAGS.dataset in data.DATASETS else None
@@ -149,7 +149,7 @@ def run(argv: list[str]) -> None:
     val_ds = test_ds if val_ds is None else val_ds
     model_name = FLAGS.model or default_model(FLAGS.dataset)
     keras.utils.set_random_seed(FLAGS.seed)
-    training.set_precision(FLAGS.mixed_precision)
+    devices.set_precision(FLAGS.mixed_precision)
     with strategy.scope():
         base, model = build(model_name, meta)
         model.compile(optimizer=keras.optimizers.Adam(FLAGS.learning_rate),
@@ -201,15 +201,15 @@ def run(argv: list[str]) -> None:
 
 
 def distribution() -> "tf.distribute.Strategy":
-    """The tf.distribute strategy of --strategy (`tfcert.training.make_strategy`)."""
-    from tfcert import training
+    """The tf.distribute strategy of --strategy (`tfcert.devices.make_strategy`)."""
+    from tfcert import devices
 
     cli.require(FLAGS.strategy != "multi_worker",
                 "--strategy=multi_worker: Keras 3's model.fit does not run under "
                 "MultiWorkerMirroredStrategy (keras-team/keras#20585, open); train with "
                 "--strategy=mirrored on one machine's GPUs")
     try:
-        return training.make_strategy(FLAGS.strategy)
+        return devices.make_strategy(FLAGS.strategy)
     except ValueError as err:
         raise cli.CliError(f"--strategy={FLAGS.strategy}: {err}") from None
 

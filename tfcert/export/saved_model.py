@@ -1,86 +1,7 @@
-"""SavedModel export of a smoothed classifier for TensorFlow Serving (guide: export/README.md).
+"""Assembly of the SavedModel: the configuration baked into an export, the serving module
+whose signatures run STN Algorithm 1 in the graph, and the atomic write of a version folder
+(the signatures are described in :mod:`tfcert.export`)."""
 
-``export_saved_model(smoothed, path, num_samples, alpha, bound="renyi")`` writes a
-SavedModel whose signatures run the whole of STN Algorithm 1 inside the graph: the
-Monte-Carlo sampling loop (chunked passes of at most ``pass_size`` noisy inputs, so
-memory stays bounded for n = 100,000), the vote counts, the simultaneous Clopper-Pearson
-bounds (:func:`tfcert.stats.simultaneous_bounds`, bisection on ``tf.math.betainc``) and
-the radius (:mod:`tfcert.bounds`, float64).  The graph holds core TensorFlow ops only
-(no TFP, no Python functions, no XLA): it loads in a process that has TensorFlow and
-nothing else, in ``saved_model_cli run``, and in TF Serving on CPU or GPU.
-
-Signatures (each takes ``images``: float32 ``[batch, H, W, C]`` in [0, 1], any batch):
-
-``serving_default``
-    Certified prediction with fresh noise.  Outputs per image: ``prediction`` (int64,
-    −1 = abstain), ``radius`` (float32, certified ℓ2 radius, rounded down; 0 on
-    abstain), ``counts`` (int64 ``[batch, num_classes]``), ``p1_lower`` and
-    ``p2_upper`` (float64 confidence bounds the radius was computed from).
-``predict``
-    Smoothed prediction with abstention (Cohen et al.'s PREDICT): the top class if a
-    two-sided binomial test of its count against the runner-up's rejects equality at
-    level α, else −1.  Outputs ``prediction`` (int64), ``counts``, ``p_value`` (float64).
-``certify_seeded``, ``predict_seeded``
-    The same with a second input ``seed`` (int64 ``[batch]``, one per image).  Each
-    image's noise is keyed by its own seed (run key ``[seed, 0]``, image index 0, as
-    `SmoothedClassifier.certify(image[None], seed=seed)` keys it), so its answer
-    depends only on its image and its seed: identical on every call, whatever else is in
-    the batch (also under TF Serving's request batching), and equal to the Python API's.
-    TF Serving's row format needs every input to share the batch dimension, and
-    signature inputs cannot be optional, hence separate signatures rather than an
-    optional scalar seed.
-``certify_target``, ``certify_target_seeded``
-    Certification with early stopping (:mod:`tfcert.sequential`, method
-    ``"checkpoints"``, simultaneous statistics) in one in-graph ``tf.while_loop``.  A
-    second input ``target_radius`` (float32 ``[batch]``, finite, >= 0) gives each
-    image's target.  At look j every still undecided image gets draws
-    ``n_{j-1} … n_j − 1`` (checkpoints ``n_j`` = 200, 400, 800, …, n by default,
-    :data:`FIRST_CHECKPOINT`: only the
-    undecided images are gathered into the sampling passes) and its certificate from
-    all its votes at level α_j (Clopper-Pearson simultaneous over the classes, the
-    Bonferroni shares α_j of `tfcert.sequential.EarlyStopping.levels`: half of α at
-    the last checkpoint, the rest split equally, Σ α_j = α); it stops once certified
-    at radius >= its target, or once the target is out of reach (the reachable radius
-    of `tfcert.sequential.reachable_radius` is below it); the loop ends when every
-    image has stopped or after the n-th draw.  Outputs: those of ``certify_seeded``
-    (the certificate of the look where the image stopped) and ``num_samples`` (int64,
-    draws spent per image).  ``certify_target_seeded`` takes ``seed`` as
-    ``certify_seeded`` and gives the answer of
-    ``certify_sequential(sc, image[None], n, EarlyStopping(target, "checkpoints",
-    first_look=200), alpha, bound, seed=seed)``.
-
-Fresh noise: the unseeded signatures draw their run key from a
-``RandomUniformInt`` op with zero seed attributes, which TensorFlow seeds from OS
-entropy when the model is loaded: noise differs per call, per concurrent request and
-per server restart.  (The noise layer's ``keras.random.SeedGenerator`` would restart
-from the saved state on every server start and replay the same noise.)
-
-Bad requests fail with ``InvalidArgument`` before any certificate is returned: wrong
-rank or image size, wrong dtype (the signature's TensorSpec), NaN/Inf, pixel values
-outside [0, 1], a ``seed`` whose length differs from the batch, a ``target_radius``
-that is not one finite number >= 0 per image.
-
-Every input and output of every signature has a leading batch dimension (``-1``), as
-TF Serving's request batching (``--enable_batching``) needs: it concatenates the inputs
-of several requests along dimension 0 and splits every output along it.
-
-n, σ, α, the bound, the pass size and the checkpoints of the early-stopping
-signatures are baked in; they are also attributes of the loaded object
-(``loaded.num_samples``, ``loaded.sigma`` (NaN for non-Gaussian noise),
-``loaded.alpha``, ``loaded.bound``, ``loaded.serving_device``, ``loaded.target_looks``,
-``loaded.target_levels``, ...) and written to the
-asset ``assets/tfcert_config.json``.  The automatic pass size depends on the device the
-server runs on (:func:`serving_pass_size`).  :func:`versioned_path` gives TF Serving's
-``<base>/<name>/<version>/`` layout.
-
-Warmup: ``assets.extra/tf_serving_warmup_requests`` holds one ``PredictionLog`` per
-signature (TF Serving's SavedModel warmup: a TFRecord file the server replays at load,
-so the first real request does not pay for graph optimisation and kernel creation).
-Each is a ``PredictRequest`` of one image of 0.5s (and seed 0, target radius 0): it
-costs what one such request costs, at most n noisy samples per certificate signature.
-The records are encoded here (:func:`prediction_log`), so exporting needs TensorFlow
-only, not tensorflow-serving-api.
-"""
 
 from __future__ import annotations
 
@@ -94,35 +15,26 @@ from typing import IO, Any, Mapping, Sequence
 
 import numpy as np
 import tensorflow as tf
-from tensorflow.core.protobuf import meta_graph_pb2
 
 import tfcert
 from tfcert import stats
-from tfcert.sequential import EarlyStopping
-from tfcert.smoothing import (ABSTAIN, ESTIMATION, PASS_DEVICES, RADII, SmoothedClassifier,
-                              draw_keys)
+from tfcert.certificate import ABSTAIN, RADII, certify_bounds, certify_counts, predict_counts
+from tfcert.devices import PASS_DEVICES
+from tfcert.export.reading import CONFIG_ASSET, FORBIDDEN_OPS, forbidden_ops
+from tfcert.export.warmup import WARMUP_FILE, WARMUP_PIXEL, write_warmup_requests
+from tfcert.keys import ESTIMATION, draw_keys
+from tfcert.sequential import StoppingRule
+from tfcert.smoothing import SmoothedClassifier
 
 BOUNDS = (*RADII, "none")
-CONFIG_ASSET = "tfcert_config.json"
 SIGNATURES = ("serving_default", "certify_seeded", "predict", "predict_seeded",
               "certify_target", "certify_target_seeded")
 SERVING_DEVICES = PASS_DEVICES
-# TF Serving's SavedModel warmup file (read at load when --enable_model_warmup, the default).
-WARMUP_FILE = "assets.extra/tf_serving_warmup_requests"
-WARMUP_PIXEL = 0.5  # every pixel of a warmup image (inside [0, 1], so the request is valid)
 # First checkpoint of certify_target (looks after 200, 400, 800, … draws; growth 2).  In
 # the graph a look costs a fixed ≈ 3-5 ms (bounds bisections, radius search) besides its
 # draws, so an easy image should be decided at the first look: chosen on held-out digits
 # test images 100-299 among 50, 100, 200, 400 (docs/PERFORMANCE.md, export early stopping).
 FIRST_CHECKPOINT = 200
-# Warmup values of the other inputs, by name (integer inputs not listed get 0).
-WARMUP_VALUES = {"seed": 0, "target_radius": 0.0}
-# Ops that must never appear in an exported graph: Python callbacks (they run only in the
-# process that built the graph) and XLA (TF Serving GPU builds fail on it with "Could not
-# find compiler for platform CUDA").
-FORBIDDEN_OPS = frozenset({"PyFunc", "PyFuncStateless", "EagerPyFunc", "XlaLaunch",
-                           "_XlaCompile", "_XlaRun", "XlaCallModule"})
-XLA_ATTRIBUTE = "_XlaMustCompile"
 # An export is written in a hidden folder next to its version folder,
 # ``.<version>.partial-<random>``, whose PARTIAL_LOCK file it keeps locked while it runs;
 # the next export into the same folder removes those of killed exports (`_start_partial`).
@@ -149,8 +61,8 @@ class ExportConfig:
             was chosen for (:func:`serving_pass_size`).
         model_name: TF Serving model name the warmup requests carry.
         target_looks: draws per image at each look of ``certify_target``, the
-            checkpoints ``n_1 < … < n_J = num_samples`` (`EarlyStopping.looks`).
-        target_levels: level α_j of each look's bounds (`EarlyStopping.levels`,
+            checkpoints ``n_1 < … < n_J = num_samples`` (`StoppingRule.looks`).
+        target_levels: level α_j of each look's bounds (`StoppingRule.levels`,
             Bonferroni shares summing to ``alpha``).
         futility_level: level of the optimistic bounds of the futility rule.
     """
@@ -241,7 +153,7 @@ def export_saved_model(smoothed: SmoothedClassifier, path: str, num_samples: int
             first after ``first_checkpoint`` draws (default :data:`FIRST_CHECKPOINT`),
             each next one at ``checkpoint_growth`` times the previous (default 2, as
             `tfcert.sequential.SCHEDULES`), the last at ``num_samples``
-            (`EarlyStopping.looks`).
+            (`StoppingRule.looks`).
 
     Returns:
         The `ExportConfig` baked into the export.
@@ -256,7 +168,7 @@ def export_saved_model(smoothed: SmoothedClassifier, path: str, num_samples: int
     config = _config(smoothed, num_samples, alpha, bound, pass_size, predict_num_samples,
                      image_shape, serving_device,
                      model_name or os.path.basename(os.path.dirname(path)),
-                     EarlyStopping(target_radius=0.0, method="checkpoints",
+                     StoppingRule(target_radius=0.0, method="checkpoints",
                                    first_look=first_checkpoint or FIRST_CHECKPOINT,
                                    growth=checkpoint_growth))
     if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
@@ -364,102 +276,13 @@ def serving_pass_size(smoothed: SmoothedClassifier, image_shape: Sequence[int],
 
     An explicit ``batch_size`` of the classifier wins.  Otherwise
     `SmoothedClassifier.pass_size` with the budget of ``serving_device``, whatever the
-    exporting machine has (`tfcert.smoothing.pass_memory`): ``cpu``, the exporting
+    exporting machine has (`tfcert.devices.pass_memory`): ``cpu``, the exporting
     machine's last-level CPU cache (serve on a CPU like it); ``gpu``,
-    ``GPU_PASS_MEMORY`` (256 MiB); over `tfcert.smoothing.activation_bytes` of one
+    ``GPU_PASS_MEMORY`` (256 MiB); over `tfcert.devices.activation_bytes` of one
     input, clipped to [1, ``MAX_PASS_SIZE``].
     """
     _check_serving_device(serving_device)
     return smoothed.pass_size(image_shape, serving_device)
-
-
-def write_warmup_requests(path: str, model_name: str) -> None:
-    """Writes :data:`WARMUP_FILE` into the SavedModel at ``path``: one ``PredictionLog``
-    per signature (sorted by name), each a request for one image of
-    :data:`WARMUP_PIXEL` (and :data:`WARMUP_VALUES` for the other inputs), its inputs
-    built from the saved signature defs."""
-    (meta_graph,) = _graph_defs(path)
-    names = sorted(k for k in meta_graph.signature_def if not k.startswith("__"))
-    os.makedirs(os.path.dirname(os.path.join(path, WARMUP_FILE)), exist_ok=True)
-    with tf.io.TFRecordWriter(os.path.join(path, WARMUP_FILE)) as writer:
-        for name in names:
-            inputs = {key: _warmup_tensor(key, info)
-                      for key, info in meta_graph.signature_def[name].inputs.items()}
-            writer.write(prediction_log(model_name, name, inputs))
-
-
-def prediction_log(model_name: str, signature_name: str,
-                   inputs: Mapping[str, np.ndarray]) -> bytes:
-    """A serialized ``tensorflow.serving.PredictionLog`` holding a ``PredictRequest``.
-
-    Encoded directly in the protobuf wire format (so TensorFlow alone suffices), with
-    the field numbers of tensorflow_serving/apis: ``PredictionLog.predict_log`` = 6,
-    ``PredictLog.request`` = 1, ``PredictRequest.model_spec`` = 1 and ``.inputs`` = 2
-    (a map: entries of key = 1, value = 2, a ``TensorProto``), ``ModelSpec.name`` = 1
-    and ``.signature_name`` = 3.  tests/test_export.py parses the records with
-    tensorflow-serving-api's own ``PredictionLog``.
-    """
-    spec = _field(1, model_name.encode()) + _field(3, signature_name.encode())
-    entries = b"".join(
-        _field(2, _field(1, key.encode()) +
-               _field(2, tf.make_tensor_proto(value).SerializeToString()))
-        for key, value in sorted(inputs.items()))
-    return _field(6, _field(1, _field(1, spec) + entries))
-
-
-def read_config(path: str) -> dict:
-    """The ``tfcert_config.json`` asset of an export (plain JSON, no TensorFlow needed)."""
-    with open(os.path.join(path, "assets", CONFIG_ASSET)) as f:
-        return json.load(f)
-
-
-def _graph_defs(path: str):
-    """The SavedModel proto's meta graphs (what TF Serving and saved_model_cli read)."""
-    from tensorflow.core.protobuf import saved_model_pb2
-
-    proto = saved_model_pb2.SavedModel()
-    with open(os.path.join(path, "saved_model.pb"), "rb") as f:
-        proto.ParseFromString(f.read())
-    return proto.meta_graphs
-
-
-def forbidden_ops(path: str) -> set[str]:
-    """Forbidden op types (:data:`FORBIDDEN_OPS`) and XLA-compiled functions in a SavedModel.
-
-    Scans every node of the graph and of every function in its library.
-    """
-    found = set()
-    for meta_graph in _graph_defs(path):
-        graph = meta_graph.graph_def
-        functions = list(graph.library.function)
-        for node in [*graph.node, *(n for fn in functions for n in fn.node_def)]:
-            if node.op in FORBIDDEN_OPS:
-                found.add(node.op)
-            if XLA_ATTRIBUTE in node.attr and node.attr[XLA_ATTRIBUTE].b:
-                found.add(f"{XLA_ATTRIBUTE} on {node.op}")
-        for fn in functions:
-            if XLA_ATTRIBUTE in fn.attr and fn.attr[XLA_ATTRIBUTE].b:
-                found.add(f"{XLA_ATTRIBUTE} on function {fn.signature.name}")
-    return found
-
-
-def signature_summary(path: str) -> str:
-    """The signatures of a SavedModel, formatted like ``saved_model_cli show --all``."""
-    lines = []
-    for meta_graph in _graph_defs(path):
-        for key in sorted(k for k in meta_graph.signature_def if not k.startswith("__")):
-            sig = meta_graph.signature_def[key]
-            lines.append(f"signature_def['{key}']:")
-            for kind, infos in (("inputs", sig.inputs), ("outputs", sig.outputs)):
-                lines.append(f"  The given SavedModel SignatureDef contains the following "
-                             f"{kind[:-1]}(s):")
-                for name in sorted(infos):
-                    info = infos[name]
-                    dims = tuple(d.size for d in info.tensor_shape.dim)
-                    dtype = tf.dtypes.as_dtype(info.dtype).name
-                    lines.append(f"    {kind}['{name}']: {dtype} {dims}")
-            lines.append(f"  Method name is: {sig.method_name}")
-    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------- internals
@@ -469,35 +292,10 @@ def _check_serving_device(serving_device: str) -> None:
                          f"{serving_device!r}")
 
 
-def _field(number: int, payload: bytes) -> bytes:
-    """A length-delimited protobuf field (wire type 2): tag, length, payload."""
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def _varint(value: int) -> bytes:
-    """Base-128 varint of a non-negative integer (protobuf wire format)."""
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _warmup_tensor(name: str, info: meta_graph_pb2.TensorInfo) -> np.ndarray:
-    """A valid warmup value of the signature input ``name`` (a ``TensorInfo``): batch 1,
-    filled with its :data:`WARMUP_VALUES` entry (seed 0, target radius 0), else pixels
-    of :data:`WARMUP_PIXEL` for float inputs (images) and 0 for integer ones."""
-    dtype = tf.dtypes.as_dtype(info.dtype)
-    shape = [1 if d.size < 0 else d.size for d in info.tensor_shape.dim]
-    value = WARMUP_VALUES.get(name, WARMUP_PIXEL if dtype.is_floating else 0)
-    return np.full(shape, value, dtype.as_numpy_dtype)
-
-
 def _config(smoothed: SmoothedClassifier, num_samples: int, alpha: float, bound: str,
             pass_size: int | None, predict_num_samples: int | None,
             image_shape: Sequence[int] | None, serving_device: str,
-            model_name: str, rule: EarlyStopping) -> ExportConfig:
+            model_name: str, rule: StoppingRule) -> ExportConfig:
     _check_serving_device(serving_device)
     if not isinstance(smoothed, SmoothedClassifier):
         raise TypeError(f"expected a SmoothedClassifier, got {type(smoothed).__name__}")
@@ -666,19 +464,25 @@ class _VoteCounter:
 
 
 def _certificate(counts: tf.Tensor, config: ExportConfig) -> dict[str, tf.Tensor]:
-    """STN Algorithm 1 steps 4-6 on the counts, as `SmoothedClassifier.certify` does."""
-    p1_lower, p2_upper, top = stats.simultaneous_bounds(counts, config.alpha)
-    return {"prediction": tf.where(p1_lower > p2_upper, top, tf.constant(ABSTAIN, tf.int64)),
-            "radius": _float32_round_down(_radius(p1_lower, p2_upper, config)),
-            "counts": counts, "p1_lower": p1_lower, "p2_upper": p2_upper}
+    """STN Algorithm 1 steps 4-6 on the counts: `tfcert.certificate.certify_counts`, the
+    function `SmoothedClassifier.certify` calls."""
+    cert = certify_counts(counts, config.alpha, config.sigma, _names(config))
+    radius = cert.pop(config.bound, tf.zeros_like(cert["p1_lower"]))
+    return {"prediction": cert["prediction"], "radius": _float32_round_down(radius),
+            "counts": counts, "p1_lower": cert["p1_lower"], "p2_upper": cert["p2_upper"]}
+
+
+def _names(config: ExportConfig) -> tuple[str, ...]:
+    """The radius names of ``config.bound`` (none for ``"none"``)."""
+    return () if config.bound == "none" else (config.bound,)
 
 
 def _radius(p1_lower: tf.Tensor, p2_upper: tf.Tensor, config: ExportConfig) -> tf.Tensor:
-    """float64 radius of ``config.bound`` (0 for ``none``), 0 where ``p1 <= p2``."""
+    """float64 radius of ``config.bound`` (0 for ``none``; `RADII` give 0 where
+    ``p1 <= p2``)."""
     if config.bound == "none":
         return tf.zeros_like(p1_lower)
-    radius = RADII[config.bound](p1_lower, p2_upper, config.sigma)
-    return tf.where(p1_lower > p2_upper, radius, tf.zeros_like(radius))
+    return RADII[config.bound](p1_lower, p2_upper, config.sigma)
 
 
 def _checked_targets(target_radius: tf.Tensor, batch: tf.Tensor) -> tf.Tensor:
@@ -771,7 +575,8 @@ def _look(counts: tf.Tensor, j: tf.Tensor, target: tf.Tensor,
     lower, upper = stats.clopper_pearson_graph(  # one level per count: [batch, k + 2]
         successes, drawn, tf.broadcast_to(levels, tf.shape(successes)))
     p1, p2, top = stats.top_class_bounds(counts, lower[:, :k], upper[:, :k])
-    radius = _radius(p1, p2, config)
+    prediction, radii = certify_bounds(p1, p2, top, config.sigma, _names(config))
+    radius = radii.get(config.bound, tf.zeros_like(p1))
     done = (p1 > p2) & (radius >= target)
 
     def futile() -> tf.Tensor:
@@ -781,8 +586,7 @@ def _look(counts: tf.Tensor, j: tf.Tensor, target: tf.Tensor,
 
     # The futility rule only matters for the images not certified at their target.
     futile = tf.cond(tf.reduce_all(done), lambda: tf.zeros_like(done), futile)
-    cert = {"prediction": tf.where(p1 > p2, top, tf.constant(ABSTAIN, tf.int64)),
-            "radius": radius, "p1_lower": p1, "p2_upper": p2}
+    cert = {"prediction": prediction, "radius": radius, "p1_lower": p1, "p2_upper": p2}
     return cert, done | futile
 
 
@@ -812,14 +616,9 @@ def _projected_bounds(top_votes: tf.Tensor, runner_votes: tf.Tensor, top_rate: t
 
 
 def _prediction(counts: tf.Tensor, alpha: float) -> dict[str, tf.Tensor]:
-    """Cohen et al.'s PREDICT: top class if the binomial test of top vs runner-up rejects."""
-    top = tf.argmax(counts, axis=-1, output_type=tf.int64)
-    is_top = tf.one_hot(top, tf.shape(counts)[-1], on_value=True, off_value=False)
-    first = tf.reduce_max(counts, axis=-1)
-    second = tf.reduce_max(tf.where(is_top, tf.zeros_like(counts), counts), axis=-1)
-    p_value = stats.binomial_test_pvalue(first, first + second)
-    return {"prediction": tf.where(p_value <= alpha, top, tf.constant(ABSTAIN, tf.int64)),
-            "counts": counts, "p_value": p_value}
+    """Cohen et al.'s PREDICT (`tfcert.certificate.predict_counts`)."""
+    prediction, p_value = predict_counts(counts, alpha)
+    return {"prediction": prediction, "counts": counts, "p_value": p_value}
 
 
 def _float32_round_down(x: tf.Tensor) -> tf.Tensor:
