@@ -43,6 +43,7 @@ def trained(digits) -> dict[str, tuple[keras.Model, keras.callbacks.History]]:
 
 
 @pytest.mark.parametrize("method,extra_key", [("pgd", None), ("trades", "trades_loss")])
+@pytest.mark.slow
 def test_adversarial_training_raises_pgd_accuracy(digits, trained, method, extra_key):
     standard_pgd_accuracy = _pgd_accuracy(trained["standard"][0], digits)
     model, history = trained[method]

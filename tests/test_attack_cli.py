@@ -107,6 +107,7 @@ def test_minimum_norm_attack_serves_every_eps(digits_model, tmp_path):
     (["--attack=pgd_l2", "--eps=0.5,inf"], "--eps must be a comma list of finite budgets"),
     (["--eps=0.1", "--step_size=inf"], "--step_size must be a finite number"),
 ])
+@pytest.mark.slow
 def test_bad_flags_give_one_line_errors(digits_model, tmp_path, args, message):
     proc = attack(f"--model={digits_model}", "--dataset=digits",
                   f"--output_dir={tmp_path / 'bad'}", *args)
@@ -128,6 +129,7 @@ def test_non_finite_or_negative_eps_is_refused(attack, norm, eps):
 @pytest.mark.parametrize("changed, shown", [("--split=train", "--split (test -> train)"),
                                             ("--skip=2", "--skip (0 -> 2)"),
                                             ("--stride=2", "--stride (1 -> 2)")])
+@pytest.mark.slow
 def test_data_flags_are_part_of_the_run(digits_model, tmp_path, changed, shown):
     """Issue: the shared data flags were not recorded, so other examples mixed into a run."""
     common = [f"--model={digits_model}", "--dataset=digits", "--attack=pgd_linf", "--eps=0.05",
@@ -140,6 +142,7 @@ def test_data_flags_are_part_of_the_run(digits_model, tmp_path, changed, shown):
     assert (tmp_path / "run" / "attack.tsv").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_a_model_that_does_not_fit_the_data_is_refused_before_any_output(digits_model, tmp_path):
     proc = attack(f"--model={digits_model}", "--dataset=mnist_subset", "--eps=0.1",
                   "--num_examples=2", f"--output_dir={tmp_path / 'bad'}")

@@ -168,6 +168,7 @@ def test_carlini_wagner_returns_the_original_when_it_fails(model, test_set):
     np.testing.assert_array_equal(x_adv[correct], x[correct])
 
 
+@pytest.mark.slow
 def test_boundary_attack_walks_towards_the_input(model, test_set):
     x, y = test_set[0][:60], test_set[1][:60]
     correct = np.argmax(model(x), axis=1) == y
@@ -183,6 +184,7 @@ def test_boundary_attack_walks_towards_the_input(model, test_set):
     np.testing.assert_array_equal(walked[~correct], x[~correct])
 
 
+@pytest.mark.slow
 def test_transfer_attack_evaluates_the_target_on_source_examples(model, test_set):
     x, y = test_set
     target = _train(1)
@@ -248,6 +250,7 @@ PER_EXAMPLE_ATTACKS = {
 @pytest.mark.parametrize("layer", [lambda: GaussianNoise(0.2),
                                    lambda: RandomizedDiscretization(**PAPER_SETTINGS["mnist"])],
                          ids=["gaussian", "randdisc"])
+@pytest.mark.slow
 def test_keyed_attacks_do_not_depend_on_the_batch(model, test_set, name, layer):
     """With per-example keys (the examples' dataset indices) an example's adversarial image
     is the same attacked in one batch of 10 or in batches of 4, 4 and 2."""

@@ -146,6 +146,7 @@ def test_resume_after_a_kill_certifies_only_the_missing_examples(digits_model, t
 
 
 @pytest.mark.parametrize("script", ["certify", "attack"])
+@pytest.mark.slow
 def test_without_beam_a_one_line_error(digits_model, tmp_path, script):
     shim = tmp_path / "shim" / "apache_beam"
     shim.mkdir(parents=True)

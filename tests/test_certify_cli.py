@@ -82,6 +82,7 @@ def without_seconds(rows):
     return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
 
 
+@pytest.mark.slow
 def test_changed_settings_refuse_to_mix_runs(digits_model, tmp_path):
     """Issue: data flags were not recorded, so --split/--skip/--stride mixed runs."""
     out = tmp_path / "run"
@@ -104,6 +105,7 @@ def test_changed_settings_refuse_to_mix_runs(digits_model, tmp_path):
     assert [r["index"] for r in results.read_tsv(str(out / "certify.tsv"))] == list("01234")
 
 
+@pytest.mark.slow
 def test_rows_do_not_depend_on_images_per_step_batch_size_or_shards(digits_model, tmp_path):
     """Issue: votes changed with --images_per_step.  Now every way of cutting the work
     (steps, pass sizes, shards joined by --merge) gives the rows of a single run."""
@@ -129,6 +131,7 @@ def test_rows_do_not_depend_on_images_per_step_batch_size_or_shards(digits_model
         tmp_path / "single" / "summary.txt").read_text()
 
 
+@pytest.mark.slow
 def test_merge_refuses_incomplete_or_foreign_shards(digits_model, tmp_path):
     shards = [tmp_path / f"shard{j}" for j in range(2)]
     assert certify(*common(digits_model, shards[0], 4), "--num_shards=2").returncode == 0
@@ -144,6 +147,7 @@ def test_merge_refuses_incomplete_or_foreign_shards(digits_model, tmp_path):
     assert twice.returncode == 1 and "shard indices [0, 0]" in twice.stderr
 
 
+@pytest.mark.slow
 def test_merge_into_another_runs_folder_leaves_it_untouched(digits_model, tmp_path):
     """Issue: --merge deleted the folder's certify.tsv before comparing its settings."""
     shards = [tmp_path / f"shard{j}" for j in range(2)]
@@ -157,6 +161,7 @@ def test_merge_into_another_runs_folder_leaves_it_untouched(digits_model, tmp_pa
     assert merged.returncode == 1 and "--alpha (0.01 -> 0.001)" in merged.stderr, merged.stderr
     assert (other / "certify.tsv").read_text() == before
 
+@pytest.mark.slow
 def test_a_model_that_does_not_fit_the_data_is_refused_before_any_output(digits_model, tmp_path):
     """Issue: an 8x8 digits model on mnist_subset ended in a traceback and left a folder."""
     out = tmp_path / "o"
@@ -175,6 +180,7 @@ def test_a_model_that_does_not_fit_the_data_is_refused_before_any_output(digits_
     (["--model=MODEL", "--sigma=0.5", "--bounds=lp"], "unknown --bounds"),
     (["--model=MODEL", "--sigma=0.5", "--alpha=2"], "--alpha must be in (0, 1)"),
 ])
+@pytest.mark.slow
 def test_bad_flags(digits_model, tmp_path, args, message):
     args = [a.replace("MODEL", digits_model) for a in args]
     result = certify(*args, "--dataset=digits", f"--output_dir={tmp_path}/o")
@@ -186,6 +192,7 @@ def test_bad_flags(digits_model, tmp_path, args, message):
     (b"not a zip file", "is not a .keras file"),
     (None, "cannot load model"),  # a zip archive, but not of a Keras model
 ])
+@pytest.mark.slow
 def test_corrupt_model_file(tmp_path, content, message):
     bad = tmp_path / "bad.keras"
     if content is None:

@@ -10,6 +10,7 @@ import tensorflow as tf
 from tfcert import data
 
 
+@pytest.mark.slow
 def test_mnist_subset_split_is_fixed_stratified_and_in_range():
     x_train, y_train = data.load_arrays("mnist_subset", "train")
     x_test, y_test = data.load_arrays("mnist_subset", "test")

@@ -623,6 +623,7 @@ class _Escaping(keras.Model):
         return out
 
 
+@pytest.mark.slow
 def test_export_refuses_python_functions_and_xla(tmp_path):
     model = _Escaping()
     model(tf.zeros([1, 4, 4, 1]))
@@ -698,6 +699,7 @@ time.sleep(600)
 '''
 
 
+@pytest.mark.slow
 def test_a_killed_exports_partial_folder_is_removed_by_the_next_export_a_running_ones_kept(
         tmp_path):
     """Issue 25: a killed export left a hidden ``.<version>.partial-*`` folder for good."""
@@ -796,6 +798,7 @@ def test_grpc_client_and_models_config(exports, served, trained):
             np.testing.assert_array_equal(value, expected[key], err_msg=f"{name} {key}")
 
 
+@pytest.mark.slow
 def test_export_entry_point_imports_its_own_checkout(tmp_path):
     """Issue: `python export` imported whatever tfcert came first on sys.path."""
     impostor = tmp_path / "tfcert"
@@ -856,6 +859,7 @@ def float32_down(x: np.ndarray) -> np.ndarray:
     return np.where(y.astype(np.float64) > x, np.nextafter(y, np.float32(0)), y)
 
 
+@pytest.mark.slow
 def test_certify_target_equals_certify_sequential_checkpoints_on_the_same_seeds(target_exports,
                                                                                trained):
     """Image i with seed s_i: the answer of certify_sequential(x[i:i+1], seed=s_i) with

@@ -181,6 +181,7 @@ def test_bound_of_an_image_does_not_depend_on_its_batch():
         np.testing.assert_array_equal(seeded.value.numpy(), again.value.numpy())
 
 
+@pytest.mark.slow
 def test_betting_bound_covers_skewed_bounded_means_where_mean_plus_3_se_does_not():
     """Coverage of `betting_upper_bound` at the CLI's α′ = 0.001, on [0, 1] variables.
 

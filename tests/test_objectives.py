@@ -174,6 +174,7 @@ def test_smoothadv_warms_up_epsilon_per_epoch(digits):
 
 
 @pytest.mark.parametrize("name", sorted(OBJECTIVES))
+@pytest.mark.slow
 def test_a_small_model_learns_digits(digits, name):
     x_train, y_train, x_test, y_test = digits
     base = _base()
@@ -189,6 +190,7 @@ def test_a_small_model_learns_digits(digits, name):
 
 
 @pytest.mark.parametrize("name", sorted(OBJECTIVES))
+@pytest.mark.slow
 def test_save_and_load_round_trip(digits, tmp_path, name):
     x, y = digits[0][:128], digits[1][:128]
     model = OBJECTIVES[name](_base(), seed=2)

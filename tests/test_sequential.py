@@ -101,6 +101,7 @@ def ever_above(rule: StoppingRule, p: float, looks: np.ndarray, alpha: float, st
 
 @pytest.mark.parametrize("method", CONFIDENCE_SEQUENCES)
 @pytest.mark.parametrize("p", [0.02, 0.5, 0.9, 0.99])
+@pytest.mark.slow
 def test_confidence_sequence_covers_under_adversarial_stopping(method, p):
     """10,000 Bernoulli(p) streams, α = 0.05: the bound exceeds p at some look in at most
     a fraction α of them (within the binomial error of FALSE_ALARM).  Lower bounds only:
@@ -218,6 +219,7 @@ def per_image_streams(p: np.ndarray, max_samples: int, seed: int):
 
 
 @pytest.mark.parametrize("method", METHODS)
+@pytest.mark.slow
 def test_certificates_at_the_true_radius_are_wrong_at_most_alpha(method):
     """Target = the true radius, so every certificate at the target is an error: with
     Cohen's statistics (two classes, Cohen's radius is exact) the stopped certificates
@@ -233,6 +235,7 @@ def test_certificates_at_the_true_radius_are_wrong_at_most_alpha(method):
 
 
 @pytest.mark.parametrize("method", METHODS)
+@pytest.mark.slow
 def test_simultaneous_bounds_hold_at_the_stopping_time(method):
     """Three classes, simultaneous statistics: both bounds hold w.p. >= 1 − α (4,000 runs)."""
     alpha, streams = 0.1, 4000
@@ -302,6 +305,7 @@ def test_decided_images_drop_out_and_the_rest_keep_sampling(method):
     assert cert.prediction[2] == 0 and cert.radius[2] >= 0.5
 
 
+@pytest.mark.slow
 def test_per_image_targets_and_budget_mode():
     p = np.array([[0.97, 0.03], [0.97, 0.03], [0.6, 0.4]])
     draw = per_image_streams(p, 20_000, seed=2)
@@ -320,6 +324,7 @@ def test_per_image_targets_and_budget_mode():
     assert np.all(budget.num_samples > target.num_samples)
 
 
+@pytest.mark.slow
 def test_futility_decides_when_never_what():
     """Two futility levels stop at different looks, but an image stopped at the same look
     gets the same certificate (the one of its votes so far)."""
@@ -339,6 +344,7 @@ def test_futility_decides_when_never_what():
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("statistics", ["simultaneous", "cohen"])
+@pytest.mark.slow
 def test_early_stopping_is_sound_on_a_linear_classifier_and_saves_samples(linear_problem,
                                                                           method, statistics):
     """No certificate beyond the exact radius |w·x + b| (‖w‖ = 1), never a wrong class."""
@@ -368,6 +374,7 @@ def test_early_stopping_is_sound_on_a_linear_classifier_and_saves_samples(linear
 
 
 @pytest.mark.parametrize("method", METHODS)
+@pytest.mark.slow
 def test_undecidable_inputs_stop_early_and_abstain(method):
     model = linear_model(np.ones(16) / 4, -2.0)  # w·x + b = 0 at x = 0.5
     sc = SmoothedClassifier(model, 2, GaussianNoise(1.0))
@@ -377,6 +384,7 @@ def test_undecidable_inputs_stop_early_and_abstain(method):
     assert np.all(cert.num_samples <= 400)  # measured: 32-245 (CS), 100 (checkpoints)
 
 
+@pytest.mark.slow
 def test_seeded_runs_repeat():
     model = linear_model(np.ones(16) / 4, -2.0)
     sc = SmoothedClassifier(model, 2, GaussianNoise(0.5))
@@ -399,6 +407,7 @@ def test_certify_with_early_stopping_is_certify_sequential():
     assert np.any(ours.num_samples < 2000)  # it did stop early (fixed n: all 2000)
 
 
+@pytest.mark.slow
 def test_look_votes_are_a_fixed_run_truncated():
     """An image stopped after n draws has the votes of draws 0 … n − 1 of the fixed run."""
     model = linear_model(np.ones(16) / 4, -2.0)

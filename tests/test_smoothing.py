@@ -82,6 +82,7 @@ def test_noise_blocks_and_keys():
     assert not np.array_equal(keys[0], keys[1])
 
 
+@pytest.mark.slow
 def test_cohen_selection_and_estimation_draws_are_independent_without_a_seed():
     """Issue: with seed=None the selection votes were a subset of the estimation votes.
 

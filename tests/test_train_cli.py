@@ -44,6 +44,7 @@ def test_train_stn_on_digits_end_to_end(tmp_path):
     (["--dataset=digits", "--strategy=multi_worker"], "keras-team/keras#20585"),
     (["--dataset=digits", "--mixed_precision=float8"], "--mixed_precision"),
 ])
+@pytest.mark.slow
 def test_bad_flags_fail_with_a_clear_message(tmp_path, args, message):
     result = run_script(*args, f"--output_dir={tmp_path}/out")
     assert message in _one_error_line(result)  # absl's own flag errors included
@@ -67,6 +68,7 @@ def test_missing_dataset_is_one_line_error(tmp_path):
     ("app:ResNet50", "at least 32x32"),  # keras.applications refuses 8x8 inputs
     ("resnet", "unknown model"),
 ])
+@pytest.mark.slow
 def test_a_model_that_cannot_be_built_for_the_data_is_refused_before_any_file(
         tmp_path, model, message):
     out = tmp_path / "run"
@@ -167,6 +169,7 @@ def test_mirrored_mixed_precision_training_saves_a_float32_model(tmp_path):
     assert json.loads((out / "metrics.json").read_text())["clean_accuracy"] > 0.5
 
 
+@pytest.mark.slow
 def test_a_backup_that_cannot_be_restored_is_a_one_line_error(tmp_path):
     backup = tmp_path / "run" / "backup"
     backup.mkdir(parents=True)
@@ -176,6 +179,7 @@ def test_a_backup_that_cannot_be_restored_is_a_one_line_error(tmp_path):
     assert not (tmp_path / "run" / "model.keras").exists()
 
 
+@pytest.mark.slow
 def test_resuming_with_other_settings_is_refused_and_keeps_the_run(tmp_path):
     """Issue: a rerun with another --sigma silently resumed the interrupted run's backup."""
     out = tmp_path / "run"

@@ -372,6 +372,7 @@ def _random_fit(backup_dir, objective, epochs=4, interrupt_at=None):
 
 @pytest.mark.parametrize("objective", sorted(_RANDOM_OBJECTIVES))
 @pytest.mark.parametrize("interrupt_at", [1, 3])
+@pytest.mark.slow
 def test_a_resumed_run_trains_exactly_as_an_uninterrupted_one(tmp_path, objective,
                                                               interrupt_at):
     # Fails if the data order restarts (tf.data's reshuffle counter) or the random draws
