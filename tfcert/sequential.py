@@ -98,6 +98,7 @@ DEFAULT_METHOD = "mixture"
 SCHEDULES = {"mixture": (32, 1.1, FINAL_SHARE), "betting": (32, 1.1, FINAL_SHARE),
              "checkpoints": (100, 2.0, 0.5)}
 
+
 class Smoothed(Protocol):
     """What `certify_sequential` uses of a `tfcert.smoothing.SmoothedClassifier`."""
 
