@@ -67,7 +67,6 @@ def bound_names(bound: str | Sequence[str]) -> list[str]:
     return names
 
 
-
 def check_statistics(statistics: str) -> str:
     """``statistics`` checked to be one of `STATISTICS`."""
     if statistics not in STATISTICS:
@@ -90,10 +89,8 @@ def count_bounds(counts: stats.TensorLike, alpha: stats.TensorLike,
         return stats.simultaneous_bounds(counts, alpha)
     if selected is None:
         raise ValueError("statistics='cohen' needs the classes selected on separate samples")
-    counts = stats.vote_counts(counts)
-    top = stats.class_indices(selected, counts.shape[-1], "selected")
-    p1_lower, p2_upper = stats.cohen_split_bounds(counts, top, alpha)
-    return p1_lower, p2_upper, top
+    p1_lower, p2_upper = stats.cohen_split_bounds(counts, selected, alpha)  # checks both
+    return p1_lower, p2_upper, tf.cast(selected, tf.int64)
 
 
 def certify_bounds(p1_lower: tf.Tensor, p2_upper: tf.Tensor, top: tf.Tensor,

@@ -172,8 +172,9 @@ def vote_counts(counts: TensorLike, name: str = "counts") -> tf.Tensor:
     if not (counts.dtype.is_integer or counts.dtype.is_floating):
         raise ValueError(f"{name} must be integers, got dtype {counts.dtype.name}")
     if counts.dtype.is_floating:
-        counts = checked(tf.cast(counts, tf.float64), lambda c: (c % 1.0 == 0.0) & (c >= 0.0),
-                         f"{name} must be non-negative integers")
+        return tf.cast(checked(tf.cast(counts, tf.float64),
+                               lambda c: (c % 1.0 == 0.0) & (c >= 0.0),
+                               f"{name} must be non-negative integers"), tf.int64)
     return checked(tf.cast(counts, tf.int64), lambda c: c >= 0, f"{name} must be >= 0")
 
 
@@ -282,9 +283,11 @@ def clopper_pearson(counts: TensorLike, n: TensorLike,
             levels above :data:`CENTRE_LEVEL` are evaluated at it (conservative).
 
     Raises:
-        ValueError: for a static argument outside this contract (naming it);
-        tf.errors.InvalidArgumentError: for a tensor outside it (``tf.debugging``
-        assertions: the same checks inside ``tf.function`` and a SavedModel).
+        ValueError: a static ``alpha`` outside (0, 1) or of another shape, or a
+            fractional ``n`` for integer counts (naming it);
+        tf.errors.InvalidArgumentError: negative counts, counts above ``n`` or ``n``
+            above :data:`MAX_TRIALS` (``tf.debugging`` assertions, eagerly as in a graph),
+            and any of the above for a tensor whose value is known only in a graph.
 
     Returns:
         ``(lower, upper)`` float64 tensors of the broadcast shape.
