@@ -22,10 +22,10 @@ Prints a report (docs/PERFORMANCE.md shows one with the machine it ran on):
 7. with a trained model: bfloat16 vs float32 certificates on the same noise (paired
    seeds), and early stopping (`tfcert.sequential`, every method) vs one fixed-n run at
    a target radius on the same images and seed (``--early_*`` flags: any model and
-   dataset, e.g. digits);
-8. export early stopping: median latency of one-image requests of the exported
-   ``certify_target_seeded`` vs ``certify_seeded`` at the same n on digits test images
-   (``--target_export_*`` flags; `export_target_latency`).
+   dataset, e.g. digits).
+
+The latency of the exported early-stopping signatures is measured by
+``benchmarks/export_latency.py``.
 
 ``--quick`` shrinks every workload (a smoke test, not a measurement).
 """
@@ -82,18 +82,6 @@ flags.DEFINE_list("early_bounds", ["renyi", "cohen"], "Section 7 early stopping:
                   "first is compared with --target_radius.")
 flags.DEFINE_float("alpha", 0.001, "α of the certificates.")
 flags.DEFINE_list("export_samples", ["1000", "10000"], "n of the export latency rows.")
-flags.DEFINE_string("target_export_model", None, "Section 8: digits model (.keras); default: "
-                    "small_cnn trained here for 6 epochs on digits with Gaussian noise of σ = "
-                    "--target_export_sigma (as tests/test_export.py trains it).")
-flags.DEFINE_float("target_export_sigma", 0.25, "Section 8: σ of the export.", lower_bound=0.0)
-flags.DEFINE_float("target_export_radius", 0.25, "Section 8: target radius of every request.",
-                   lower_bound=0.0)
-flags.DEFINE_integer("target_export_samples", 10_000, "Section 8: n of both signatures (the "
-                     "most samples of certify_target).", lower_bound=1)
-flags.DEFINE_integer("target_export_images", 100, "Section 8: digits test images, one request "
-                     "each per signature.", lower_bound=1)
-flags.DEFINE_list("target_export_first_checkpoints", ["100", "200"], "Section 8: one export "
-                  "per value: the first checkpoint of certify_target (growth 2).")
 flags.DEFINE_bool("quick", False, "Tiny workloads: checks that every section runs.")
 flags.DEFINE_string("output_json", None, "Also write every number to this JSON file.")
 
@@ -106,8 +94,7 @@ def main(argv: list[str]) -> None:
     if FLAGS.quick:
         for name, value in (("rounds", 1), ("passes", 1), ("naive_samples", 8),
                             ("num_images", 6), ("num_samples", 200), ("pass_size", 64),
-                            ("export_samples", ["200"]), ("target_export_images", 3),
-                            ("target_export_samples", 1000)):
+                            ("export_samples", ["200"])):
             setattr(FLAGS, name, value)
     report: dict = {"command": " ".join(["python -m tfcert.bench", *sys.argv[1:]]),
                     "machine": machine()}
@@ -127,7 +114,6 @@ def main(argv: list[str]) -> None:
         print(f"\n[7] skipped: {FLAGS.model} not found; train one with\n    python train.py "
               "--dataset=mnist_subset --method=stn --sigma=0.5 --epochs=3 "
               "--output_dir=/tmp/perf_model")
-    sections.append(("export_target", export_target_latency))
     for name, run in sections:
         report[name] = {"load_before": os.getloadavg()[0], **run()}
     report["load_end"] = os.getloadavg()
@@ -398,103 +384,6 @@ def export_latency(model) -> dict:
         f"n = {n}: {v['seconds']:.2f} s ({v['samples_per_s']:.0f} samples/s)"
         for n, v in out.items()) + f" (pass size {smoothed.pass_size(IMAGE_SHAPE)})")
     return {"latency": out, "calls": "best of 3 (1 for n > 5000)"}
-
-
-def export_target_latency() -> dict:
-    """[8] one-image request latency of the exported ``certify_target_seeded`` (early
-    stopping in the graph) vs ``certify_seeded`` (fixed n) on the same digits images.
-
-    One export per ``--target_export_first_checkpoints`` value (the checkpoints of
-    ``certify_target``; ``certify_seeded`` is the first export's).  Test image i is sent
-    alone with seed i to every signature in turn (interleaved, so all see the same
-    load), after one warm-up call each, the early-stopping requests with target
-    ``--target_export_radius``.  Reported per signature: median and mean latency over
-    the images, draws per image, images that used all n, certified accuracy at the
-    target; and the ratio of the median latencies to ``certify_seeded``'s.
-    """
-    import numpy as np
-    import tensorflow as tf
-
-    from tfcert import data, export, models
-    from tfcert.layers import GaussianNoise
-    from tfcert.smoothing import SmoothedClassifier
-
-    sigma, target = FLAGS.target_export_sigma, FLAGS.target_export_radius
-    n, count = FLAGS.target_export_samples, FLAGS.target_export_images
-    model = (cli.load_model(FLAGS.target_export_model) if FLAGS.target_export_model
-             else models.trained_small_cnn(sigma))
-    x, y = (v[:count] for v in data.load_arrays("digits", "test"))
-    smoothed = SmoothedClassifier(model, 10, GaussianNoise(sigma))
-    requests, looks = {}, {}
-    with tempfile.TemporaryDirectory() as folder:
-        for first in (int(v) for v in FLAGS.target_export_first_checkpoints):
-            path = os.path.join(folder, str(first))
-            config = export.export_saved_model(smoothed, path, n, FLAGS.alpha,
-                                               first_checkpoint=first)
-            signatures = tf.saved_model.load(path).signatures
-            if not requests:
-                requests["certify_seeded"] = _seeded_request(signatures["certify_seeded"], x)
-            name = f"certify_target_seeded, first checkpoint {first}"
-            requests[name] = _seeded_request(signatures["certify_target_seeded"], x, target)
-            looks[name] = list(config.target_looks)
-        timings = _interleaved_requests(requests, count)
-    rows = {name: _target_row(seconds, answers, y, target, n)
-            for name, (seconds, answers) in timings.items()}
-    fixed = rows["certify_seeded"]["median_s"]
-    for row in rows.values():
-        row["median_ratio_to_certify_seeded"] = fixed / row["median_s"]
-    print(f"\n[8] export, one-image requests, digits small_cnn σ = {sigma}, {count} test images, "
-          f"n = {n}, α = {FLAGS.alpha}, target r = {target} (Rényi), pass size "
-          f"{config.pass_size}")
-    print(f"    {'signature':44s} {'median s':>9s} {'mean s':>8s} {'ratio':>6s} "
-          f"{'samples/image':>13s} {'at max':>6s} {'cert. acc. at r':>15s}")
-    for name, r in rows.items():
-        print(f"    {name:44s} {r['median_s']:9.4f} {r['mean_s']:8.4f} "
-              f"{r['median_ratio_to_certify_seeded']:5.1f}x {r['mean_samples']:13.1f} "
-              f"{r['images_at_max']:6d} {100 * r['certified_accuracy']:14.1f}%")
-    return {"sigma": sigma, "target_radius": target, "num_samples": n, "images": count,
-            "alpha": FLAGS.alpha, "pass_size": config.pass_size, "looks": looks, "rows": rows}
-
-
-def _seeded_request(signature, x, target: float | None = None) -> Callable:
-    """``request(i)``: ``signature`` on image i alone with seed i (and the target)."""
-    import tensorflow as tf
-
-    def request(i: int) -> dict:
-        extra = {} if target is None else {"target_radius": tf.constant([target], tf.float32)}
-        outputs = signature(images=tf.constant(x[i:i + 1]), seed=tf.constant([i], tf.int64),
-                            **extra)
-        return {key: value.numpy()[0] for key, value in outputs.items()}
-
-    return request
-
-
-def _interleaved_requests(requests: dict[str, Callable], count: int) -> dict:
-    """Runs every request once (warm-up), then image by image each request in turn;
-    returns name → (seconds per image, answers per image)."""
-    for request in requests.values():
-        request(0)
-    out = {name: ([], []) for name in requests}
-    for i in range(count):
-        for name, request in requests.items():
-            start = time.perf_counter()
-            answer = request(i)
-            out[name][0].append(time.perf_counter() - start)
-            out[name][1].append(answer)
-    return out
-
-
-def _target_row(seconds: list, answers: list, labels, target: float, n: int) -> dict:
-    """One row of the [8] table (see `export_target_latency`)."""
-    import numpy as np
-
-    certified = np.array([(a["prediction"] == label) & (a["radius"] >= target)
-                          for a, label in zip(answers, labels)])
-    draws = np.array([a.get("num_samples", n) for a in answers])
-    return {"median_s": float(np.median(seconds)), "mean_s": float(np.mean(seconds)),
-            "mean_samples": float(draws.mean()), "median_samples": float(np.median(draws)),
-            "images_at_max": int(np.sum(draws >= n)),
-            "certified_accuracy": float(certified.mean())}
 
 
 def certification(model) -> dict:

@@ -49,26 +49,38 @@ Inversion.  Both e-processes decrease in p₀ where the bound lies, so the CS is
   ``E ≤ 1`` (the likelihood peaks at S/n) — a contradiction.  The rejected set is an
   interval ``[0, L)``.
 
-Floating point: rejection needs ``log E − log(1/α)`` to exceed a margin of
-``EVIDENCE_RELATIVE_ERROR`` times the sum of the magnitudes of the terms plus
-``EVIDENCE_ABSOLUTE_ERROR``, far above the float64 error of scipy's betaln, xlogy and
-betainc (Boost; checked against mpmath in tests/test_sequential.py).  All float64.
+Floating point: rejection needs ``log E − log(1/α)`` to exceed the evaluation-error
+bound of ``log E``: ``EVIDENCE_RELATIVE_ERROR`` times the sum of the magnitudes of its
+terms (each ``lgamma``, ``xlogy``, ``log1p`` is accurate to a few ulps) plus
+``EVIDENCE_ABSOLUTE_ERROR``, plus, for the mixture, the error model of ``tf.math.betainc``
+of `tfcert.stats` (relative error below ``BETAINC_RELATIVE_ERROR · (a + b)``, so the
+error of its log is below that too) for each of its two incomplete betas.  That model is
+validated for ``a + b <= CENTRE_LEVEL_TRIALS`` at every CDF value, and the mixture
+evaluates its posterior's CDF near its centre, so it takes n + a + b <= `MAX_MIXTURE_SIZE`
+(2**19: n <= 524,286 draws for the uniform prior; the betting sequence has no such limit).  Measured against 40-digit
+mpmath (tests/test_sequential.py), the float64 log E errs by at most a tenth of that bound.
+``1 − p₀`` is rounded once before betainc; its effect (the posterior density times 2**-53)
+is far below the betainc term.  All float64.
 
 Context: Horváth et al. 2022 (Boosting Randomized Smoothing with Variance Reduced
 Classifiers, ICLR) certify predetermined radii with adaptive sampling and report up to
 55x fewer samples; :mod:`tfcert.sequential` uses these sequences the same way.
 
-Every function here maps op for op onto core TensorFlow (``tf.math.lbeta``,
-``tf.math.xlogy``, ``tf.math.xlog1py``, ``tf.math.betainc``, ``tf.math.log1p``), and the
-bounds are inverted by `tfcert.bisection.bisect` (``BISECTION_STEPS`` steps), so an
-exported serving signature can compute the same bounds in-graph.
+Everything here is core TensorFlow (``tf.math.lgamma``, ``xlogy``, ``xlog1py``,
+``betainc``, ``log1p``) with the bounds inverted by `tfcert.bisection.bisect`
+(``BISECTION_STEPS`` steps): the one implementation behind the Python API (eager or
+compiled), early stopping and the exported serving signatures.  Static arguments are
+checked at once (``ValueError``), tensors inside a graph by ``tf.debugging`` assertions
+(`tfcert.stats.checked`).
 """
 
 from __future__ import annotations
 
-import numpy as np
-from scipy import special
+import math
 
+import tensorflow as tf
+
+from tfcert import stats
 from tfcert.bisection import bisect
 
 # Default Beta(a, b) prior of the mixture: uniform.  Tuned by simulating the votes of
@@ -83,78 +95,110 @@ BET_TRUNCATION = 0.5
 # Bisection steps: the bracket [0, 1] halves each step; 2**-60 ≈ 1e-18 is below the
 # float64 spacing of every bound >= 2**-10, and 1 − L (upper bounds) is resolved to 2**-53.
 BISECTION_STEPS = 60
-# Rejection margin (module docstring): scipy's betaln, xlogy and betainc (Boost) err by
-# ~1e-15 relative, up to ~1e-13 for betainc with large shapes; the tests check the
-# float64 log E against mpmath (n <= 5,000) to within a tenth of this margin.
+# Rejection margin (module docstring): lgamma, xlogy, log1p err by a few ulps (~1e-15
+# relative); the tests check the float64 log E against mpmath to within a tenth of it.
 EVIDENCE_RELATIVE_ERROR = 1e-11
 EVIDENCE_ABSOLUTE_ERROR = 1e-9
-
-
-def _as_float64(*arrays) -> list[np.ndarray]:
-    """``arrays`` broadcast together, as float64."""
-    return [np.asarray(a, np.float64) for a in np.broadcast_arrays(*arrays)]
-
-
-def _check_votes(successes, trials, alpha: float) -> None:
-    """The contract of the lower bounds: ``alpha`` a scalar in (0, 1), ``0 <= successes
-    <= trials`` (finite, broadcast together); a ``ValueError`` naming what is off."""
-    if np.ndim(alpha) != 0 or not 0.0 < float(alpha) < 1.0:
-        raise ValueError(f"alpha must be a scalar in (0, 1), got {alpha}")
-    s, n = _as_float64(successes, trials)
-    if not np.all((s >= 0.0) & (s <= n) & (n < np.inf)):
-        raise ValueError("successes must lie in [0, trials] and trials be finite")
+# Largest n + a + b of the mixture (n draws, prior Beta(a, b)): the validated range of
+# tf.math.betainc at the centre of a distribution (module docstring), 2**19.
+MAX_MIXTURE_SIZE = stats.CENTRE_LEVEL_TRIALS
 
 
 def check_prior(prior: tuple[float, float]) -> tuple[float, float]:
     """``prior`` as floats (a, b), checked: a >= 1, b > 0 (module docstring, inversion)."""
     a, b = (float(v) for v in prior)
-    if not (a >= 1.0 and b > 0.0 and np.isfinite(a + b)):
+    if not (a >= 1.0 and b > 0.0 and math.isfinite(a + b)):
         raise ValueError(f"the mixture prior Beta(a, b) needs a >= 1 (increasing hazard "
                          f"rate, module docstring) and b > 0, got {prior}")
     return a, b
 
 
-def _rejected(log_evidence: np.ndarray, magnitude: np.ndarray, alpha: float) -> np.ndarray:
-    """Whether ``log E >= log(1/α)`` holds beyond the evaluation error (module docstring)."""
-    margin = EVIDENCE_RELATIVE_ERROR * (magnitude + abs(np.log(alpha))) + EVIDENCE_ABSOLUTE_ERROR
-    return log_evidence >= np.log(1.0 / alpha) + margin
+def _checked_level(alpha: stats.TensorLike) -> tf.Tensor:
+    """``alpha`` as a float64 scalar in (0, 1)."""
+    alpha = stats.to_float64(alpha)
+    if alpha.shape.rank != 0:
+        raise ValueError(f"alpha must be a scalar in (0, 1), got shape {alpha.shape}")
+    return stats.checked(alpha, lambda a: (a > 0.0) & (a < 1.0), "alpha must lie in (0, 1)")
 
 
-def _bisect(rejects, high: np.ndarray) -> np.ndarray:
-    """The lower end of a bisection of ``[0, high]`` (`tfcert.bisection.bisect`, eagerly):
-    a point where ``rejects`` (non-increasing in p: true, then false) held, or 0."""
-    low, _ = bisect(rejects, np.zeros_like(high), high, BISECTION_STEPS)
-    return low.numpy()
+def _checked_votes(successes: stats.TensorLike,
+                   trials: stats.TensorLike) -> tuple[tf.Tensor, tf.Tensor]:
+    """``(successes, trials)`` as float64, checked: ``0 <= successes <= trials < inf``."""
+    s, n = stats.to_float64(successes), stats.to_float64(trials)
+    s = stats.checked(s, lambda v: v >= 0.0, "successes must be >= 0")
+    n = stats.checked(n, lambda v: v < math.inf, "trials must be finite")
+    with tf.control_dependencies([stats.checked(n - s, lambda v: v >= 0.0,
+                                                "trials - successes must be >= 0")]):
+        return tf.identity(s), tf.identity(n)
+
+
+def _checked_mixture_votes(successes: stats.TensorLike, trials: stats.TensorLike,
+                           prior: tuple[float, float]) -> tuple[tf.Tensor, tf.Tensor]:
+    """`_checked_votes`, and ``n + a + b <= MAX_MIXTURE_SIZE`` (module docstring)."""
+    s, n = _checked_votes(successes, trials)
+    limit = MAX_MIXTURE_SIZE - sum(prior)
+    return s, stats.checked(n, lambda v: v <= limit,
+                            f"the mixture takes n + a + b <= MAX_MIXTURE_SIZE = 2**19 draws "
+                            f"and prior (n <= {limit:g}); use the betting sequence beyond")
+
+
+def _rejected(log_evidence: tf.Tensor, error: tf.Tensor, alpha: tf.Tensor) -> tf.Tensor:
+    """Whether ``log E >= log(1/α)`` holds beyond the evaluation ``error`` of ``log E``
+    (module docstring) and the threshold's own (added here)."""
+    threshold = -tf.math.log(alpha)
+    margin = error + EVIDENCE_RELATIVE_ERROR * threshold
+    return log_evidence >= threshold + margin
+
+
+def _evidence_error(terms: list[tf.Tensor]) -> tf.Tensor:
+    """``EVIDENCE_RELATIVE_ERROR`` times the summed magnitude of the finite ``terms`` plus
+    ``EVIDENCE_ABSOLUTE_ERROR``."""
+    magnitude = sum(tf.where(tf.math.is_finite(t), tf.abs(t), tf.zeros_like(t))
+                    for t in terms)
+    return EVIDENCE_RELATIVE_ERROR * magnitude + EVIDENCE_ABSOLUTE_ERROR
 
 
 # ------------------------------------------------------------------ beta-binomial mixture
-def mixture_log_evidence(successes, trials, p,
-                         prior: tuple[float, float] = PRIOR) -> tuple[np.ndarray, np.ndarray]:
+def mixture_log_evidence(successes: stats.TensorLike, trials: stats.TensorLike,
+                         p: stats.TensorLike,
+                         prior: tuple[float, float] = PRIOR) -> tuple[tf.Tensor, tf.Tensor]:
     """``log E_n(p)`` of the one-sided beta-binomial mixture (module docstring), float64.
 
     Args:
-        successes, trials: S and n (broadcastable; real values allowed).
+        successes, trials: S and n (broadcastable; real values allowed), 0 <= S <= n,
+            n + a + b <= `MAX_MIXTURE_SIZE`.
         p: the candidate probabilities p₀ in (0, 1).
         prior: (a, b) of the Beta prior.
 
     Returns:
-        ``(log_evidence, magnitude)``: the value and the sum of the absolute values of its
-        terms (the scale of its rounding error).
+        ``(log_evidence, error)``: the value and a bound on its float64 evaluation error
+        (module docstring); the value is −inf where p lies above all the posterior mass
+        (never rejected).
     """
-    a, b = check_prior(prior)
-    s, n, p = _as_float64(successes, trials, p)
+    prior = check_prior(prior)
+    s, n = _checked_mixture_votes(successes, trials, prior)
+    return _mixture_log_evidence(s, n, stats.to_float64(p), prior)
+
+
+def _mixture_log_evidence(s: tf.Tensor, n: tf.Tensor, p: tf.Tensor,
+                          prior: tuple[float, float]) -> tuple[tf.Tensor, tf.Tensor]:
+    """`mixture_log_evidence` of checked arguments."""
+    a, b = prior
     f = n - s
     q = 1.0 - p
-    terms = [special.betaln(s + a, f + b), -special.betaln(a, b), -special.xlogy(s, p),
-             -special.xlog1py(f, -p), np.log(special.betainc(f + b, s + a, q)),
-             -np.log(special.betainc(b, a, q))]
-    total = sum(terms)  # -inf where p lies above all the posterior mass: not rejected
-    magnitude = sum(np.where(np.isfinite(t), np.abs(t), 0.0) for t in terms)
-    return total, magnitude
+    posterior = tf.math.log(tf.math.betainc(f + b, s + a, q))
+    terms = [tf.math.lgamma(s + a), tf.math.lgamma(f + b), -tf.math.lgamma(n + a + b),
+             tf.constant(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b), tf.float64),
+             -tf.math.xlogy(s, p), -tf.math.xlog1py(f, -p), posterior,
+             -tf.math.log(tf.math.betainc(tf.constant(b, tf.float64),
+                                          tf.constant(a, tf.float64), q))]
+    betainc_error = stats.BETAINC_RELATIVE_ERROR * (n + 2.0 * (a + b))
+    return sum(terms), _evidence_error(terms) + betainc_error
 
 
-def mixture_lower(successes, trials, alpha: float,
-                  prior: tuple[float, float] = PRIOR) -> np.ndarray:
+def mixture_lower(successes: stats.TensorLike, trials: stats.TensorLike,
+                  alpha: stats.TensorLike, prior: tuple[float, float] = PRIOR,
+                  steps: int = BISECTION_STEPS) -> tf.Tensor:
     """One-sided beta-binomial mixture confidence sequence (Robbins 1970): a lower bound
     on p that holds simultaneously for every n with probability ≥ 1 − ``alpha``.
 
@@ -164,26 +208,35 @@ def mixture_lower(successes, trials, alpha: float,
     Args:
         successes: S, votes for the class (any shape; may be real in projections),
             in [0, n].
-        trials: n, broadcastable against ``successes``, finite.
-        alpha: level, a scalar in (0, 1) (a ``ValueError`` otherwise, as for the
-            votes).
+        trials: n, broadcastable against ``successes``, with n + a + b <=
+            `MAX_MIXTURE_SIZE`.
+        alpha: level, a scalar in (0, 1).
         prior: (a, b), a ≥ 1; default `PRIOR`.
+        steps: bisection halvings (fewer: sound, up to ``2**-steps · S/n`` looser).
 
     Returns:
         float64 lower bounds of the broadcast shape (0 where S = 0).
+
+    Raises:
+        ValueError: static arguments outside this contract (naming them);
+            ``tf.errors.InvalidArgumentError`` for tensors inside a graph.
     """
     prior = check_prior(prior)
-    _check_votes(successes, trials, alpha)
-    s, n = _as_float64(successes, trials)
+    alpha = _checked_level(alpha)
+    s, n = _checked_mixture_votes(successes, trials, prior)
+    s, n = s + tf.zeros_like(n), n + tf.zeros_like(s)
+    high = tf.math.divide_no_nan(s, n)
 
     def rejects(p):
-        return _rejected(*mixture_log_evidence(s, n, p, prior), alpha)
+        return _rejected(*_mixture_log_evidence(s, n, p, prior), alpha)
 
-    return _bisect(rejects, np.divide(s, n, out=np.zeros_like(s), where=n > 0))
+    low, _ = bisect(rejects, tf.zeros_like(high), high, steps)
+    return low
 
 
 # ------------------------------------------------------------------------------- betting
-def betting_bets(successes, trials, alpha: float) -> np.ndarray:
+def betting_bets(successes: stats.TensorLike, trials: stats.TensorLike,
+                 alpha: stats.TensorLike) -> tf.Tensor:
     """Predictable plug-in bets λ_j of each look (Waudby-Smith & Ramdas 2023, PrPl).
 
     Look j bets ``sqrt(2 log(1/α) / (σ̂² t log(1 + t)))`` on each of its draws, with
@@ -199,21 +252,21 @@ def betting_bets(successes, trials, alpha: float) -> np.ndarray:
     Returns:
         float64 [..., J] bets (before the ``c/m`` truncation).
     """
-    s = np.asarray(successes, np.float64)
-    n = np.asarray(trials, np.float64)
-    before = np.concatenate([[0.0], np.cumsum(n)[:-1]])  # draws before each look
-    mean_after = (0.5 + np.cumsum(s, axis=-1)) / (np.cumsum(n) + 1.0)
+    s, n = stats.to_float64(successes), stats.to_float64(trials)
+    drawn = tf.cumsum(n)
+    before = drawn - n  # draws before each look
+    mean_after = (0.5 + tf.cumsum(s, axis=-1)) / (drawn + 1.0)
     squares = s * (1.0 - mean_after) ** 2 + (n - s) * mean_after ** 2
-    sum_before = np.concatenate([np.zeros_like(s[..., :1]), np.cumsum(squares, axis=-1)[..., :-1]],
-                                axis=-1)
-    variance = (0.25 + sum_before) / (before + 1.0)
+    variance = (0.25 + tf.cumsum(squares, axis=-1, exclusive=True)) / (before + 1.0)
     t = before + 1.0
-    return np.sqrt(2.0 * np.log(1.0 / alpha) / (variance * t * np.log1p(t)))
+    return tf.sqrt(2.0 * tf.math.log(1.0 / stats.to_float64(alpha))
+                   / (variance * t * tf.math.log1p(t)))
 
 
-def betting_log_capital(successes, trials, m, alpha: float,
-                        truncation: float = BET_TRUNCATION) -> tuple[np.ndarray, np.ndarray]:
-    """``log K_n(m)`` of the one-sided betting CS after the last look, and its magnitude.
+def betting_log_capital(successes: stats.TensorLike, trials: stats.TensorLike,
+                        m: stats.TensorLike, alpha: stats.TensorLike,
+                        truncation: float = BET_TRUNCATION) -> tuple[tf.Tensor, tf.Tensor]:
+    """``log K_n(m)`` of the one-sided betting CS after the last look, and its error bound.
 
     Args:
         successes: [..., J] successes per look; trials: [J] draws per look.
@@ -221,18 +274,26 @@ def betting_log_capital(successes, trials, m, alpha: float,
         alpha: level (bet size); truncation: c in (0, 1), bets at most ``c/m``.
 
     Returns:
-        ``(log_capital, magnitude)`` of shape [...], as `mixture_log_evidence`.
+        ``(log_capital, error)`` of shape [...], as `mixture_log_evidence`.
     """
-    s = np.asarray(successes, np.float64)
-    f = np.asarray(trials, np.float64) - s
-    m = np.asarray(m, np.float64)[..., None]
-    bets = np.minimum(betting_bets(s, trials, alpha), truncation / m)
-    wins, losses = s * np.log1p(bets * (1.0 - m)), f * np.log1p(-bets * m)
-    return (wins + losses).sum(axis=-1), (wins - losses).sum(axis=-1)
+    s = stats.to_float64(successes)
+    return _log_capital(s, stats.to_float64(trials) - s, betting_bets(s, trials, alpha),
+                        stats.to_float64(m), truncation)
 
 
-def betting_lower(successes, trials, alpha: float,
-                  truncation: float = BET_TRUNCATION) -> np.ndarray:
+def _log_capital(s: tf.Tensor, f: tf.Tensor, bets: tf.Tensor, m: tf.Tensor,
+                 truncation: float) -> tuple[tf.Tensor, tf.Tensor]:
+    """`betting_log_capital` from the successes, failures and bets per look."""
+    m = m[..., None]
+    bets = tf.minimum(bets, truncation / m)
+    wins, losses = s * tf.math.log1p(bets * (1.0 - m)), f * tf.math.log1p(-bets * m)
+    return (tf.reduce_sum(wins + losses, axis=-1),
+            _evidence_error([tf.reduce_sum(wins - losses, axis=-1)]))
+
+
+def betting_lower(successes: stats.TensorLike, trials: stats.TensorLike,
+                  alpha: stats.TensorLike, truncation: float = BET_TRUNCATION,
+                  steps: int = BISECTION_STEPS) -> tf.Tensor:
     """One-sided betting confidence sequence (Waudby-Smith & Ramdas 2023): a lower bound
     on the mean that holds simultaneously after every look with probability ≥ 1 − α.
 
@@ -240,18 +301,25 @@ def betting_lower(successes, trials, alpha: float,
         successes: [..., J] successes per look (the order of the looks matters), each in
             [0, its look's draws].
         trials: [J] draws per look, finite.
-        alpha: level, a scalar in (0, 1) (a ``ValueError`` otherwise, as for the votes).
+        alpha: level, a scalar in (0, 1).
         truncation: c in (0, 1) of the bets ``min(λ, c/m)``; default `BET_TRUNCATION`.
+        steps: bisection halvings (fewer: sound, up to ``2**-steps`` looser).
 
     Returns:
         float64 [...] lower bounds after the last look.
+
+    Raises:
+        As `mixture_lower`.
     """
     if not 0.0 < truncation < 1.0:
         raise ValueError(f"truncation must be in (0, 1), got {truncation}")
-    _check_votes(successes, trials, alpha)
-    s = np.asarray(successes, np.float64)
+    alpha = _checked_level(alpha)
+    s, n = _checked_votes(successes, trials)
+    f, bets = n - s, betting_bets(s, n, alpha)  # the bets do not depend on m
 
     def rejects(m):  # m > 0: the bisection of [0, 1] never evaluates 0
-        return _rejected(*betting_log_capital(s, trials, m, alpha, truncation), alpha)
+        return _rejected(*_log_capital(s, f, bets, m, truncation), alpha)
 
-    return _bisect(rejects, np.ones(s.shape[:-1]))
+    ones = tf.ones(tf.shape(s)[:-1], tf.float64)
+    low, _ = bisect(rejects, tf.zeros_like(ones), ones, steps)
+    return low

@@ -62,9 +62,17 @@ rules decide only *when* to stop, never what is certified: their levels never en
 a wrong futility stop only forgoes a certificate.  Radii above the target are not
 pursued, so the certified-accuracy curve above the target is lower than a fixed-n run's.
 
-Cost of a look: the bounds of the active images (vectorised float64 bisections over the
-distinct vote counts) and one sampling call for all of them.  The votes of every look
-are kept (``[images, looks, k]`` int64: the betting bets depend on them).
+One look, written once: `look` (core TF) certifies the votes so far (`look_bounds`, then
+`tfcert.certificate.certify_bounds`) and applies the stopping rules (`reachable_radius`).
+`run_sequential` calls it compiled after each look; the exported ``certify_target``
+signatures call it inside their ``tf.while_loop`` (`tfcert.export`), with the looks and
+levels of `StoppingRule.plan` baked into the export.
+
+Cost of a look: one sampling call for all the active images, then float64 bisections
+(`tfcert.bisection.bisect`) over the distinct vote rows: one for the certificate's bounds
+and, for the images not yet at their target, two for the futility rule (the optimistic
+rates, then the projected final bounds), and the radius searches.  The votes of every
+look are kept (``[images, looks, k]`` int64: the betting bets depend on them).
 
 Example:
 
@@ -76,21 +84,28 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Callable, Protocol, Sequence
 
 import numpy as np
+import tensorflow as tf
 
 from tfcert import confidence_sequences as cs
 from tfcert import stats
-from tfcert.certificate import (ABSTAIN, Certificate, bound_names, certificate_from_bounds,
-                                certificate_from_counts, check_statistics, compiled_radius)
+from tfcert.certificate import (ABSTAIN, RADII, Certificate, bound_names, certificate_from_counts,
+                                certify_bounds, check_statistics)
 from tfcert.keys import run_key
 
 # Default share of α of the last look's Clopper-Pearson bounds with a confidence sequence:
 # the images that need every sample keep (nearly) their fixed-n certificate, for ~5% more
 # samples (tuned on held-out images, docs/PERFORMANCE.md, early stopping).
 FINAL_SHARE = 0.1
+
+# Bisection halvings of the futility rule's bounds (rates and projections): it decides only
+# when an image stops, so 2**-20 (a reachable radius lower by ~1e-6 relative at most)
+# is plenty, for a third of the cost of the certificate's 60 (docs/PERFORMANCE.md).
+FUTILITY_STEPS = 20
 
 METHODS = ("mixture", "betting", "checkpoints")
 DEFAULT_METHOD = "mixture"
@@ -222,137 +237,228 @@ class StoppingRule:
         checkpoint already is one)."""
         return 0.0 if self.method == "checkpoints" else self.schedule[2] * alpha
 
-    def lower(self, successes: np.ndarray, trials: np.ndarray, level: float,
-              final_level: float = 0.0) -> np.ndarray:
+    def lower(self, successes: stats.TensorLike, trials: stats.TensorLike,
+              level: stats.TensorLike, final_level: stats.TensorLike = 0.0,
+              steps: int = cs.BISECTION_STEPS) -> tf.Tensor:
         """float64 [rows] lower bounds of the method from ``successes`` [rows, J] per look
-        of ``trials`` [J] draws (real values allowed: projections), at ``level``; with
+        of ``trials`` [J] draws (real values allowed: projections), at ``level``; where
         ``final_level`` > 0, the larger of it and the Clopper-Pearson bound at that level.
+        ``steps``: bisection halvings (the futility rule's estimates take fewer).
 
-        Computed once per distinct row of the inputs that the method depends on.
+        Core TF (eager, compiled or in a SavedModel); each bound is computed once per
+        distinct row of the inputs that the method depends on.
         """
-        successes = np.asarray(successes, np.float64)
-        trials = np.asarray(trials, np.float64)
-        totals = successes.sum(axis=1, keepdims=True)
-        total = trials.sum()
+        successes, trials = stats.to_float64(successes), stats.to_float64(trials)
+        totals, total = tf.reduce_sum(successes, axis=-1), tf.reduce_sum(trials)
 
-        def clopper_pearson(rows, at):
-            return np.asarray(stats.clopper_pearson_graph(rows[:, 0], total, at)[0])
+        def clopper_pearson(at: tf.Tensor) -> tf.Tensor:
+            return _per_distinct(
+                lambda s: stats.clopper_pearson_graph(s, total, at, steps)[0], totals)
 
         if self.method == "betting":
-            lower = _per_distinct_row(
-                lambda rows: cs.betting_lower(rows, trials, level, self.bet_truncation), successes)
+            lower = _per_distinct(
+                lambda rows: cs.betting_lower(rows, trials, level, self.bet_truncation, steps),
+                successes)
         elif self.method == "mixture":
-            lower = _per_distinct_row(
-                lambda rows: cs.mixture_lower(rows[:, 0], total, level, self.prior), totals)
+            lower = _per_distinct(
+                lambda s: cs.mixture_lower(s, total, level, self.prior, steps), totals)
         else:
-            lower = _per_distinct_row(lambda rows: clopper_pearson(rows, level), totals)
-        if final_level > 0.0:
-            lower = np.maximum(lower, _per_distinct_row(
-                lambda rows: clopper_pearson(rows, final_level), totals))
-        return lower
+            lower = clopper_pearson(level)
+        final_level = stats.to_float64(final_level)
+        if tf.get_static_value(final_level) == 0.0:
+            return lower
+        return tf.cond(final_level > 0.0,
+                       lambda: tf.maximum(lower, clopper_pearson(final_level)), lambda: lower)
 
-    def upper(self, successes: np.ndarray, trials: np.ndarray, level: float,
-              final_level: float = 0.0) -> np.ndarray:
+    def upper(self, successes: stats.TensorLike, trials: stats.TensorLike,
+              level: stats.TensorLike, final_level: stats.TensorLike = 0.0,
+              steps: int = cs.BISECTION_STEPS) -> tf.Tensor:
         """Upper bounds: one minus the lower bounds of the complementary votes, rounded up."""
-        complement = np.asarray(trials, np.float64) - np.asarray(successes, np.float64)
-        return _complement_up(self.lower(complement, trials, level, final_level))
+        complement = stats.to_float64(trials) - stats.to_float64(successes)
+        return stats.complement_up(self.lower(complement, trials, level, final_level, steps))
+
+    def plan(self, max_samples: int, alpha: float) -> "Plan":
+        """The looks of a run of at most ``max_samples`` draws per image at level ``alpha``."""
+        looks = self.looks(max_samples)
+        return Plan(tuple(int(n) for n in looks),
+                    tuple(float(a) for a in self.levels(alpha, len(looks))),
+                    float(self.final_level(alpha)))
 
 
-def _per_distinct_row(bound: Callable[[np.ndarray], np.ndarray], rows: np.ndarray) -> np.ndarray:
-    """``bound(rows)`` computed once per distinct row."""
-    if not len(rows):
-        return np.zeros(0, np.float64)
-    distinct, inverse = np.unique(rows, axis=0, return_inverse=True)
-    return np.asarray(bound(distinct), np.float64)[inverse.reshape(-1)]
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The looks of one run (`StoppingRule.plan`), the same for the Python API and an
+    export (which records them in its config asset).
+
+    Attributes:
+        looks: draws per image at each look, ``n_1 < … < n_J``.
+        levels: level α_j of each look's bounds.
+        final_level: level of the last look's extra Clopper-Pearson bounds (0: none).
+    """
+
+    looks: tuple[int, ...]
+    levels: tuple[float, ...]
+    final_level: float
+
+    @property
+    def trials(self) -> np.ndarray:
+        """int64 [J] draws added by each look."""
+        return np.diff(np.array(self.looks, np.int64), prepend=0)
 
 
-def _complement_up(x: np.ndarray) -> np.ndarray:
-    """``1 − x`` rounded up (`tfcert.stats.complement_up`), as a writable float64 array."""
-    return np.array(stats.complement_up(np.asarray(x, np.float64)))
+def _per_distinct(bound: Callable[[tf.Tensor], tf.Tensor], values: tf.Tensor) -> tf.Tensor:
+    """``bound(values)`` computed once per distinct entry (1-D ``values``) or row (2-D)."""
+    if values.shape.rank == 1:
+        distinct, index = tf.unique(values)
+    else:
+        distinct, index = tf.raw_ops.UniqueV2(x=values, axis=tf.constant([0], tf.int64))
+    return tf.gather(bound(distinct), index)
 
 
-def look_certificate(rule: StoppingRule, votes: np.ndarray, trials: np.ndarray, level: float,
-                     sigma: float, names: list[str], statistics: str,
-                     selected: np.ndarray | None, used: int,
-                     final_level: float = 0.0) -> Certificate:
-    """The certificate of each image from its votes ``[images, J, k]`` of looks of
-    ``trials`` [J] draws, at level ``level`` (module docstring, "Certificates"); with
-    ``final_level`` > 0 (the last look), each bound is the better of the method's and
-    the Clopper-Pearson bound at ``final_level`` (both shares split as ``level``)."""
-    counts = votes.sum(axis=1)
-    rows = np.arange(len(counts))
+def _class_votes(votes: tf.Tensor, classes: tf.Tensor) -> tf.Tensor:
+    """float64 [images, J] votes of each image's class ``classes`` at each look."""
+    return tf.cast(tf.gather(tf.transpose(votes, [0, 2, 1]), classes, axis=1, batch_dims=1),
+                   tf.float64)
+
+
+def look_bounds(rule: StoppingRule, votes: tf.Tensor, trials: tf.Tensor,
+                level: stats.TensorLike, final_level: stats.TensorLike, statistics: str,
+                selected: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """``(p1_lower, p2_upper, top)`` of each image from its votes ``[images, J, k]`` of
+    looks of ``trials`` [J] draws, at level ``level`` (module docstring, "Certificates");
+    where ``final_level`` > 0 (the last look), each bound is the better of the method's
+    and the Clopper-Pearson bound at ``final_level`` (both split as ``level``)."""
+    votes = tf.convert_to_tensor(votes, tf.int64)
     if statistics == "cohen":
-        top = np.asarray(selected, np.int64)
-        p1 = rule.lower(votes[rows, :, top], trials, level, final_level)
-        return certificate_from_bounds(counts, top, p1, _complement_up(p1), sigma, names,
-                                       np.full(len(counts), used))
-    num_images, looks, k = votes.shape
-    top = np.argmax(counts, axis=1)
-    side, final_side = level / (2 * k), final_level / (2 * k)
-    p1 = rule.lower(votes[rows, :, top], trials, side, final_side)
-    upper = rule.upper(votes.transpose(0, 2, 1).reshape(-1, looks), trials, side,
-                       final_side).reshape(num_images, k)
-    upper[rows, top] = 0.0
-    p2 = np.minimum(upper.max(axis=1), _complement_up(p1))
-    return certificate_from_bounds(counts, top, p1, p2, sigma, names, np.full(len(counts), used))
+        top = tf.convert_to_tensor(selected, tf.int64)
+        p1 = rule.lower(_class_votes(votes, top), trials, level, final_level)
+        return p1, stats.complement_up(p1), top
+    counts = tf.reduce_sum(votes, axis=1)
+    k = tf.shape(votes)[2]
+    top = tf.argmax(counts, axis=-1, output_type=tf.int64)
+    looks = tf.shape(votes)[1]
+    # One bound call: the top class's votes (its lower bound) and every class's
+    # complementary votes (their upper bounds), each at α/(2k) (simultaneous_bounds).
+    complement = tf.reshape(tf.cast(trials, tf.float64) - tf.cast(
+        tf.transpose(votes, [0, 2, 1]), tf.float64), [-1, looks])
+    sides = [stats.to_float64(v) / (2.0 * tf.cast(k, tf.float64)) for v in (level, final_level)]
+    lower = rule.lower(tf.concat([_class_votes(votes, top), complement], axis=0), trials, *sides)
+    batch = tf.shape(top)[0]
+    is_top = tf.one_hot(top, k, on_value=True, off_value=False)
+    p1_per_class = tf.where(is_top, lower[:batch, None], tf.zeros_like(is_top, tf.float64))
+    upper = tf.reshape(stats.complement_up(lower[batch:]), tf.shape(is_top))
+    return stats.top_class_bounds(counts, p1_per_class, upper)
 
 
-def reachable_radius(rule: StoppingRule, votes: np.ndarray, trials: np.ndarray,
-                     future: np.ndarray, levels: tuple[float, float], sigma: float, bound: str,
-                     statistics: str, selected: np.ndarray | None = None) -> np.ndarray:
+def reachable_radius(rule: StoppingRule, votes: tf.Tensor, trials: tf.Tensor,
+                     future: tf.Tensor, levels: tuple[stats.TensorLike, stats.TensorLike],
+                     sigma: float, bound: str | None, statistics: str,
+                     selected: tf.Tensor | None = None) -> tf.Tensor:
     """The radius of each image's certificate at the last look if the draws of the
     ``future`` looks came at optimistic frequencies (module docstring, "futility").
 
     The top class's future votes come at its level-``futility_level`` upper bound and
     the runner-up's (the other class with the most votes) at its lower bound; the final
     bounds are those of the last look at ``levels`` = (its level, its final level), as in
-    `look_certificate`.
+    `look_bounds`, each to ``FUTILITY_STEPS`` bisection halvings.  ``bound`` None: radius 0.
     """
-    counts = votes.sum(axis=1)
-    rows = np.arange(len(counts))
-    top = (np.argmax(counts, axis=1) if statistics == "simultaneous"
-           else np.asarray(selected, np.int64))
-    all_trials = np.concatenate([trials, future]).astype(np.float64)
+    votes = tf.convert_to_tensor(votes, tf.int64)
+    trials, future = stats.to_float64(trials), stats.to_float64(future)
+    counts = tf.reduce_sum(votes, axis=1)
+    top = (tf.argmax(counts, axis=-1, output_type=tf.int64) if statistics == "simultaneous"
+           else tf.convert_to_tensor(selected, tf.int64))
+    all_trials = tf.concat([trials, future], axis=0)
+    top_votes = _class_votes(votes, top)
 
-    def final_votes(votes_of_class, rate):
-        return np.concatenate([votes_of_class, rate[:, None] * future[None]], axis=1)
+    def final_votes(votes_of_class: tf.Tensor, rate: tf.Tensor) -> tf.Tensor:
+        return tf.concat([votes_of_class, rate[:, None] * future[None]], axis=1)
 
-    top_votes = votes[rows, :, top]
-    p1_rate = rule.upper(top_votes, trials, rule.futility_level)
     if statistics == "cohen":
-        p1 = rule.lower(final_votes(top_votes, p1_rate), all_trials, *levels)
-        p2 = _complement_up(p1)
+        p1_rate = rule.upper(top_votes, trials, rule.futility_level, steps=FUTILITY_STEPS)
+        p1 = rule.lower(final_votes(top_votes, p1_rate), all_trials, *levels,
+                        steps=FUTILITY_STEPS)
+        p2 = stats.complement_up(p1)
     else:
-        sides = tuple(level / (2 * votes.shape[2]) for level in levels)
-        p1 = rule.lower(final_votes(top_votes, p1_rate), all_trials, *sides)
-        others = counts.copy()
-        others[rows, top] = -1
-        runner_votes = votes[rows, :, np.argmax(others, axis=1)]
-        p2_rate = rule.lower(runner_votes, trials, rule.futility_level)
-        p2 = np.minimum(rule.upper(final_votes(runner_votes, p2_rate), all_trials, *sides),
-                        _complement_up(p1))
-    return compiled_radius(bound, p1, p2, sigma)
+        batch, k = tf.shape(top)[0], tf.shape(votes)[2]
+        is_top = tf.one_hot(top, k, on_value=True, off_value=False)
+        runner = tf.argmax(tf.where(is_top, -tf.ones_like(counts), counts), axis=-1,
+                           output_type=tf.int64)
+        runner_votes = _class_votes(votes, runner)
+        rates = rule.lower(tf.concat([trials - top_votes, runner_votes], axis=0), trials,
+                           rule.futility_level, steps=FUTILITY_STEPS)
+        p1_rate, p2_rate = stats.complement_up(rates[:batch]), rates[batch:]
+        sides = [stats.to_float64(v) / (2.0 * tf.cast(k, tf.float64)) for v in levels]
+        final = rule.lower(tf.concat([final_votes(top_votes, p1_rate),
+                                      all_trials - final_votes(runner_votes, p2_rate)], axis=0),
+                           all_trials, *sides, steps=FUTILITY_STEPS)
+        p1 = final[:batch]
+        p2 = tf.minimum(stats.complement_up(final[batch:]), stats.complement_up(p1))
+    if bound is None:
+        return tf.zeros_like(p1)
+    return RADII[bound](p1, p2, sigma)
 
 
-def decided(rule: StoppingRule, cert: Certificate, targets: np.ndarray,
-            reachable: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
-    """bool [images]: the images that stop at this look (module docstring, stopping rules).
+def look(rule: StoppingRule, votes: tf.Tensor, trials: tf.Tensor, future: tf.Tensor,
+         levels: tuple[stats.TensorLike, stats.TensorLike],
+         final_levels: tuple[stats.TensorLike, stats.TensorLike], targets: tf.Tensor,
+         sigma: float, names: Sequence[str], statistics: str,
+         selected: tf.Tensor | None = None) -> tuple[dict[str, tf.Tensor], tf.Tensor]:
+    """One look of the sequential procedure (module docstring), in core TF: the
+    certificate of each image's votes so far, and which images stop.
+
+    `run_sequential` calls it (compiled) after each look, and so does the exported
+    ``certify_target`` signature inside its ``tf.while_loop`` (`tfcert.export`).
 
     Args:
-        cert: the images' certificates at this look.
-        targets: their target radii (+inf: none).
-        reachable: ``reachable(rows)`` gives the reachable radius of images ``rows``.
+        rule: the bounds and stopping rules.
+        votes: int64 [images, j, k] votes of each look so far.
+        trials: [j] draws of each look so far; future: [J − j] draws of the looks after.
+        levels: (α_j, α_J): the level of this look's bounds and of the last look's.
+        final_levels: (this look's, the last look's) final Clopper-Pearson level (0: none).
+        targets: float64 [images] target radii (+inf: none).
+        sigma, names, statistics, selected: as `run_sequential` (``names`` may be empty:
+            radius 0).
+
+    Returns:
+        ``(certificate, stop)``: ``prediction``, ``p1_lower``, ``p2_upper`` and one radius
+        per name (float64 / int64 [images]); bool [images], the images that stop
+        (target reached or out of reach, or ``min_gain``; none after the last look).
     """
-    has_target = np.isfinite(targets)
-    done = has_target & (cert.prediction != ABSTAIN) & (cert.radius >= targets)
-    pending = np.flatnonzero(~done)
-    if pending.size:
+    p1, p2, top = look_bounds(rule, votes, trials, levels[0], final_levels[0], statistics,
+                              selected)
+    prediction, radii = certify_bounds(p1, p2, top, sigma, names)
+    radius = radii[names[0]] if names else tf.zeros_like(p1)
+    targets = stats.to_float64(targets)
+    has_target = tf.math.is_finite(targets)
+    done = has_target & (prediction != ABSTAIN) & (radius >= targets)
+
+    def reachable(rows: tf.Tensor) -> tf.Tensor:
+        return reachable_radius(rule, tf.gather(votes, rows), trials, future, (levels[1],
+                                final_levels[1]), sigma, names[0] if names else None,
+                                statistics, None if selected is None else tf.gather(selected, rows))
+
+    def give_up() -> tf.Tensor:
+        pending = tf.where(~done)[:, 0]
         reach = reachable(pending)
-        stop = has_target[pending] & (reach < targets[pending])
+        stop = tf.gather(has_target, pending) & (reach < tf.gather(targets, pending))
         if rule.min_gain is not None:
-            stop |= reach - cert.radius[pending] <= rule.min_gain
-        done[pending] = stop
-    return done
+            stop |= reach - tf.gather(radius, pending) <= rule.min_gain
+        return tf.tensor_scatter_nd_update(done, pending[:, None], stop)
+
+    # Nothing to decide after the last look, nor when every image reached its target.
+    stop = tf.cond((tf.size(future) > 0) & ~tf.reduce_all(done), give_up,
+                   lambda: done | (tf.size(future) == 0))
+    return {"prediction": prediction, "p1_lower": p1, "p2_upper": p2, **radii}, stop
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_look(method: str, min_gain: float | None, futility_level: float,
+                   prior: tuple[float, float], bet_truncation: float) -> Callable:
+    """`look` compiled for the rules with these bounds and stopping rules (one trace per
+    distinct rule, not per `StoppingRule` object: targets and the schedule are inputs)."""
+    rule = StoppingRule(0.0, method, min_gain, futility_level=futility_level, prior=prior,
+                        bet_truncation=bet_truncation)
+    return tf.function(functools.partial(look, rule), reduce_retracing=True)
 
 
 def run_sequential(draw: Draw, num_images: int, num_classes: int, max_samples: int,
@@ -378,35 +484,29 @@ def run_sequential(draw: Draw, num_images: int, num_classes: int, max_samples: i
         The `Certificate` of each image at the look where it stopped; its
         ``num_samples`` are the draws spent on that image.
     """
-    names = bound_names(bound)
+    names = tuple(bound_names(bound))
     check_statistics(statistics)
+    if statistics == "cohen" and selected is None:
+        raise ValueError("statistics='cohen' needs the classes selected on separate samples")
     selected = None if selected is None else np.asarray(selected, np.int64)
-    looks = rule.looks(max_samples)
-    trials = np.diff(looks, prepend=0)
-    levels = rule.levels(alpha, len(looks))
+    plan = rule.plan(max_samples, alpha)
+    trials, last = plan.trials, len(plan.looks) - 1
     targets = rule.targets(num_images)
-    votes = np.zeros((num_images, len(looks), num_classes), np.int64)
+    step = _compiled_look(rule.method, rule.min_gain, float(rule.futility_level),
+                          tuple(float(v) for v in rule.prior), float(rule.bet_truncation))
+    votes = np.zeros((num_images, len(plan.looks), num_classes), np.int64)
     result = certificate_from_counts(votes[:, 0], alpha, sigma, names, statistics, selected, 0)
-    last = (levels[-1], rule.final_level(alpha))
     active = np.arange(num_images)
-    for j, level in enumerate(levels):
-        votes[active, j] = draw(active, int(looks[j] - trials[j]), int(trials[j]))
-        choice = None if selected is None else selected[active]
-        seen = votes[active, :j + 1]
-        final = j == len(looks) - 1
-        cert = look_certificate(rule, seen, trials[:j + 1], level, sigma, names, statistics,
-                                choice, int(looks[j]) + selection_samples,
-                                last[1] if final else 0.0)
-        _store(result, active, cert)
-        if final:
-            break
-
-        def reachable(rows):
-            return reachable_radius(rule, seen[rows], trials[:j + 1], trials[j + 1:], last,
-                                    sigma, names[0], statistics,
-                                    None if choice is None else choice[rows])
-
-        active = active[~decided(rule, cert, targets[active], reachable)]
+    for j, level in enumerate(plan.levels):
+        votes[active, j] = draw(active, int(plan.looks[j] - trials[j]), int(trials[j]))
+        cert, stop = step(votes[active, :j + 1], trials[:j + 1], trials[j + 1:],
+                          _pair(level, plan.levels[-1]),
+                          _pair(plan.final_level if j == last else 0.0, plan.final_level),
+                          targets[active], float(sigma), names, statistics,
+                          None if selected is None else selected[active])
+        _store(result, active, cert, names, votes[active, :j + 1].sum(axis=1),
+               int(plan.looks[j]) + selection_samples)
+        active = active[~np.asarray(stop)]
         if not active.size:
             break
     return result
@@ -459,9 +559,19 @@ def certify_sequential(smoothed: Smoothed, x, max_samples: int, rule: StoppingRu
                           bound, statistics, selected, extra)
 
 
-def _store(result: Certificate, rows: np.ndarray, cert: Certificate) -> None:
-    """Writes ``cert`` (the certificates of ``rows``) into ``result`` at ``rows``."""
-    for field in ("prediction", "radius", "counts", "p1_lower", "p2_upper", "num_samples"):
-        getattr(result, field)[rows] = getattr(cert, field)
-    for name, radius in cert.radii.items():
-        result.radii[name][rows] = radius
+def _pair(first: float, second: float) -> tf.Tensor:
+    """float64 [2] tensor (not Python floats, whose values would each retrace the look)."""
+    return tf.constant([first, second], tf.float64)
+
+
+def _store(result: Certificate, rows: np.ndarray, cert: dict[str, tf.Tensor],
+           names: Sequence[str], counts: np.ndarray, used: int) -> None:
+    """Writes the look's certificate ``cert`` of ``rows`` (their ``counts`` after ``used``
+    draws each) into ``result`` at ``rows``."""
+    result.prediction[rows] = cert["prediction"]
+    result.p1_lower[rows] = cert["p1_lower"]
+    result.p2_upper[rows] = cert["p2_upper"]
+    result.counts[rows] = counts
+    result.num_samples[rows] = used
+    for name in names:
+        result.radii[name][rows] = cert[name]

@@ -57,7 +57,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from tfcert.bisection import bisect
+from tfcert.bisection import STEPS, bisect
 
 TensorLike = tf.Tensor | np.ndarray | float | int
 
@@ -233,12 +233,13 @@ def _clopper_pearson(counts: TensorLike, n: TensorLike, alpha: TensorLike,
     return lower, upper
 
 
-def _bisection_lower_quantile(a: tf.Tensor, b: tf.Tensor, level: tf.Tensor) -> tf.Tensor:
-    """The lower end of a bisection of [0, 1] (`tfcert.bisection.bisect`) for the point
-    where ``betainc(a, b, x) < level`` stops holding: a point evaluated below ``level``
-    (or 0), since the CDF increases in x.  Core TF."""
+def _bisection_lower_quantile(a: tf.Tensor, b: tf.Tensor, level: tf.Tensor,
+                              steps: int = STEPS) -> tf.Tensor:
+    """The lower end of a bisection of [0, 1] (`tfcert.bisection.bisect`, ``steps``
+    halvings) for the point where ``betainc(a, b, x) < level`` stops holding: a point
+    evaluated below ``level`` (or 0), since the CDF increases in x.  Core TF."""
     lower, _ = bisect(lambda x: tf.math.betainc(a, b, x) < level, tf.zeros_like(level),
-                      tf.ones_like(level))
+                      tf.ones_like(level), steps)
     return lower
 
 
@@ -299,17 +300,19 @@ def clopper_pearson(counts: TensorLike, n: TensorLike,
     return _clopper_pearson(counts, n, alpha, _checked_tfp_lower_quantile)
 
 
-def clopper_pearson_graph(counts: TensorLike, n: TensorLike,
-                          alpha: TensorLike) -> tuple[tf.Tensor, tf.Tensor]:
+def clopper_pearson_graph(counts: TensorLike, n: TensorLike, alpha: TensorLike,
+                          steps: int = STEPS) -> tuple[tf.Tensor, tf.Tensor]:
     """:func:`clopper_pearson` with core TensorFlow ops only (exportable, no TFP).
 
-    Bisection on ``tf.math.betainc`` with `tfcert.bisection.STEPS` fixed steps (a
-    ``tf.while_loop``, so any batch shape works inside ``tf.function``), at the reduced
-    level of the module docstring; the lower quantile is the bracket's lower end.
+    Bisection on ``tf.math.betainc`` with ``steps`` fixed halvings (default
+    `tfcert.bisection.STEPS`; a ``tf.while_loop``, so any batch shape works inside
+    ``tf.function``), at the reduced level of the module docstring; the lower quantile
+    is the bracket's lower end (fewer steps: sound, up to 2**-steps looser).
 
     Args and returns: as :func:`clopper_pearson`.
     """
-    return _clopper_pearson(counts, n, alpha, _bisection_lower_quantile)
+    return _clopper_pearson(counts, n, alpha,
+                            functools.partial(_bisection_lower_quantile, steps=steps))
 
 
 def simultaneous_bounds(counts: TensorLike,

@@ -35,24 +35,25 @@ Signatures (each takes ``images``: float32 ``[batch, H, W, C]`` in [0, 1], any b
     signature inputs cannot be optional, hence separate signatures rather than an
     optional scalar seed.
 ``certify_target``, ``certify_target_seeded``
-    Certification with early stopping (:mod:`tfcert.sequential`, method
-    ``"checkpoints"``, simultaneous statistics) in one in-graph ``tf.while_loop``.  A
-    second input ``target_radius`` (float32 ``[batch]``, finite, >= 0) gives each
-    image's target.  At look j every still undecided image gets draws
-    ``n_{j-1} … n_j − 1`` (checkpoints ``n_j`` = 200, 400, 800, …, n by default,
-    :data:`FIRST_CHECKPOINT`: only the
-    undecided images are gathered into the sampling passes) and its certificate from
-    all its votes at level α_j (Clopper-Pearson simultaneous over the classes, the
-    Bonferroni shares α_j of `tfcert.sequential.EarlyStopping.levels`: half of α at
-    the last checkpoint, the rest split equally, Σ α_j = α); it stops once certified
-    at radius >= its target, or once the target is out of reach (the reachable radius
-    of `tfcert.sequential.reachable_radius` is below it); the loop ends when every
-    image has stopped or after the n-th draw.  Outputs: those of ``certify_seeded``
-    (the certificate of the look where the image stopped) and ``num_samples`` (int64,
-    draws spent per image).  ``certify_target_seeded`` takes ``seed`` as
-    ``certify_seeded`` and gives the answer of
-    ``certify_sequential(sc, image[None], n, EarlyStopping(target, "checkpoints",
-    first_look=200), alpha, bound, seed=seed)``.
+    Certification with early stopping (:mod:`tfcert.sequential`, simultaneous
+    statistics) in one in-graph ``tf.while_loop`` whose every look calls
+    `tfcert.sequential.look`, the function the Python API calls.  A second input
+    ``target_radius`` (float32 ``[batch]``, finite, >= 0) gives each image's target.
+    The bounds, looks and stopping rules are those of the export's
+    `tfcert.sequential.StoppingRule` (``early_stopping=``, ``--stopping_method``;
+    default: the mixture confidence sequence, first look after 32 draws, then every
+    +10%, 10% of α kept for Clopper-Pearson bounds at the last look), recorded in the
+    config asset (``stopping_method``, ``target_looks``, ``target_levels``,
+    ``target_final_level``, ...).  At look j every still undecided image gets draws
+    ``n_{j-1} … n_j − 1`` (only the undecided images are gathered into the sampling
+    passes) and its certificate from all its votes so far; it stops once certified at
+    radius >= its target, or once the target is out of reach (its reachable radius is
+    below it); the loop ends when every image has stopped or after the n-th draw.
+    Outputs: those of ``certify_seeded`` (the certificate of the look where the image
+    stopped) and ``num_samples`` (int64, draws spent per image).
+    ``certify_target_seeded`` takes ``seed`` as ``certify_seeded`` and gives the answer
+    of ``sc.certify(image[None], n, alpha, bound, early_stopping=rule, seed=seed)``
+    with the export's rule and ``target_radius``.
 
 Fresh noise: the unseeded signatures draw their run key from a
 ``RandomUniformInt`` op with zero seed attributes, which TensorFlow seeds from OS
@@ -89,13 +90,12 @@ only, not tensorflow-serving-api.
 
 from tfcert.export.reading import (CONFIG_ASSET, FORBIDDEN_OPS, XLA_ATTRIBUTE, forbidden_ops,
                                    read_config, signature_summary)
-from tfcert.export.saved_model import (BOUNDS, FIRST_CHECKPOINT, SERVING_DEVICES, SIGNATURES,
-                                       ExportConfig, export_saved_model, serving_pass_size,
-                                       versioned_path)
+from tfcert.export.saved_model import (BOUNDS, SERVING_DEVICES, SIGNATURES, ExportConfig,
+                                       export_saved_model, serving_pass_size, versioned_path)
 from tfcert.export.warmup import (WARMUP_FILE, WARMUP_PIXEL, WARMUP_VALUES, prediction_log,
                                   write_warmup_requests)
 
-__all__ = ["BOUNDS", "CONFIG_ASSET", "FIRST_CHECKPOINT", "FORBIDDEN_OPS", "SERVING_DEVICES",
+__all__ = ["BOUNDS", "CONFIG_ASSET", "FORBIDDEN_OPS", "SERVING_DEVICES",
            "SIGNATURES", "WARMUP_FILE", "WARMUP_PIXEL", "WARMUP_VALUES", "XLA_ATTRIBUTE",
            "ExportConfig", "export_saved_model", "forbidden_ops", "prediction_log",
            "read_config", "serving_pass_size", "signature_summary", "versioned_path",

@@ -17,24 +17,18 @@ import numpy as np
 import tensorflow as tf
 
 import tfcert
-from tfcert import stats
-from tfcert.certificate import ABSTAIN, RADII, certify_bounds, certify_counts, predict_counts
+from tfcert.certificate import ABSTAIN, RADII, certify_counts, predict_counts
 from tfcert.devices import PASS_DEVICES
 from tfcert.export.reading import CONFIG_ASSET, FORBIDDEN_OPS, forbidden_ops
 from tfcert.export.warmup import WARMUP_FILE, WARMUP_PIXEL, write_warmup_requests
 from tfcert.keys import ESTIMATION, draw_keys
-from tfcert.sequential import StoppingRule
+from tfcert.sequential import StoppingRule, look
 from tfcert.smoothing import SmoothedClassifier
 
 BOUNDS = (*RADII, "none")
 SIGNATURES = ("serving_default", "certify_seeded", "predict", "predict_seeded",
               "certify_target", "certify_target_seeded")
 SERVING_DEVICES = PASS_DEVICES
-# First checkpoint of certify_target (looks after 200, 400, 800, … draws; growth 2).  In
-# the graph a look costs a fixed ≈ 3-5 ms (bounds bisections, radius search) besides its
-# draws, so an easy image should be decided at the first look: chosen on held-out digits
-# test images 100-299 among 50, 100, 200, 400 (docs/PERFORMANCE.md, export early stopping).
-FIRST_CHECKPOINT = 200
 # An export is written in a hidden folder next to its version folder,
 # ``.<version>.partial-<random>``, whose PARTIAL_LOCK file it keeps locked while it runs;
 # the next export into the same folder removes those of killed exports (`_start_partial`).
@@ -60,11 +54,14 @@ class ExportConfig:
         serving_device: ``cpu`` or ``gpu``, the server's device the automatic pass size
             was chosen for (:func:`serving_pass_size`).
         model_name: TF Serving model name the warmup requests carry.
-        target_looks: draws per image at each look of ``certify_target``, the
-            checkpoints ``n_1 < … < n_J = num_samples`` (`StoppingRule.looks`).
-        target_levels: level α_j of each look's bounds (`StoppingRule.levels`,
-            Bonferroni shares summing to ``alpha``).
-        futility_level: level of the optimistic bounds of the futility rule.
+        stopping_method: bounds of ``certify_target`` (`tfcert.sequential.METHODS`).
+        target_looks: draws per image at each look of ``certify_target``,
+            ``n_1 < … < n_J = num_samples`` (`tfcert.sequential.Plan`).
+        target_levels: level α_j of each look's bounds (`StoppingRule.levels`).
+        target_final_level: level of the last look's extra Clopper-Pearson bounds (0:
+            none), `StoppingRule.final_level`; with ``target_levels`` it sums to α.
+        futility_level, min_gain, prior, bet_truncation: the other fields of the
+            `tfcert.sequential.StoppingRule` (the target comes with each request).
     """
 
     num_samples: int
@@ -78,9 +75,20 @@ class ExportConfig:
     noise: dict
     serving_device: str
     model_name: str
+    stopping_method: str
     target_looks: tuple[int, ...]
     target_levels: tuple[float, ...]
+    target_final_level: float
     futility_level: float
+    min_gain: float | None
+    prior: tuple[float, float]
+    bet_truncation: float
+
+    def stopping_rule(self) -> StoppingRule:
+        """The `StoppingRule` of ``certify_target`` (target 0: targets come per request)."""
+        return StoppingRule(0.0, self.stopping_method, self.min_gain,
+                            futility_level=self.futility_level, prior=self.prior,
+                            bet_truncation=self.bet_truncation)
 
     def to_json(self) -> dict:
         return {
@@ -89,9 +97,11 @@ class ExportConfig:
             "tensorflow_version": tf.__version__,
             **dataclasses.asdict(self),
             "statistics": "simultaneous Clopper-Pearson over all classes (Bonferroni alpha/k), "
-                          "STN Section 4; certify_target: the same at each checkpoint of "
-                          "target_looks at its level of target_levels (Bonferroni over the "
-                          "checkpoints, sum = alpha; tfcert.sequential method 'checkpoints')",
+                          "STN Section 4; certify_target: tfcert.sequential with "
+                          f"method '{self.stopping_method}' and simultaneous statistics, "
+                          "look j after target_looks[j] draws at level target_levels[j] "
+                          "(plus Clopper-Pearson bounds at target_final_level at the last "
+                          "look)",
             "signatures": {
                 "serving_default": "certify with fresh noise: prediction (int64, -1 abstain), "
                                    "radius (float32), counts (int64), p1_lower, p2_upper "
@@ -116,8 +126,7 @@ def export_saved_model(smoothed: SmoothedClassifier, path: str, num_samples: int
                        image_shape: Sequence[int] | None = None,
                        serving_device: str = "cpu", model_name: str | None = None,
                        metadata: Mapping[str, Any] | None = None,
-                       first_checkpoint: int | None = None,
-                       checkpoint_growth: float | None = None) -> ExportConfig:
+                       early_stopping: StoppingRule | None = None) -> ExportConfig:
     """Writes ``smoothed`` as a TF Serving SavedModel at ``path`` (see the module docstring).
 
     The directory is written next to ``path`` under a temporary name (a hidden
@@ -149,11 +158,12 @@ def export_saved_model(smoothed: SmoothedClassifier, path: str, num_samples: int
             ``path``'s parent folder (``<base>/<name>/<version>``, :func:`versioned_path`).
         metadata: JSON-serialisable facts to record in the config asset (e.g. the
             model file and its hash).
-        first_checkpoint, checkpoint_growth: the looks of ``certify_target``: the
-            first after ``first_checkpoint`` draws (default :data:`FIRST_CHECKPOINT`),
-            each next one at ``checkpoint_growth`` times the previous (default 2, as
-            `tfcert.sequential.SCHEDULES`), the last at ``num_samples``
-            (`StoppingRule.looks`).
+        early_stopping: the bounds, looks and stopping rules of ``certify_target``
+            (`tfcert.sequential.StoppingRule`; its ``target_radius`` is ignored: each
+            request brings its own).  Default: ``StoppingRule(0.0)``, the mixture
+            confidence sequence with the library's schedule, as
+            ``SmoothedClassifier.certify(..., early_stopping=...)``; the looks
+            ``n_1 < … < n_J = num_samples`` are `StoppingRule.plan`'s.
 
     Returns:
         The `ExportConfig` baked into the export.
@@ -168,9 +178,7 @@ def export_saved_model(smoothed: SmoothedClassifier, path: str, num_samples: int
     config = _config(smoothed, num_samples, alpha, bound, pass_size, predict_num_samples,
                      image_shape, serving_device,
                      model_name or os.path.basename(os.path.dirname(path)),
-                     StoppingRule(target_radius=0.0, method="checkpoints",
-                                   first_look=first_checkpoint or FIRST_CHECKPOINT,
-                                   growth=checkpoint_growth))
+                     StoppingRule(0.0) if early_stopping is None else early_stopping)
     if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
         raise FileExistsError(f"{path} already exists; choose a new version directory")
     parent = os.path.dirname(path)
@@ -315,8 +323,8 @@ def _config(smoothed: SmoothedClassifier, num_samples: int, alpha: float, bound:
                          "pass image_shape=")
     # ℓ2 radii need Gaussian noise: `sigma` raises a clear error otherwise.
     sigma = smoothed.sigma if bound != "none" else getattr(smoothed.noise, "stddev", None)
-    # The checkpoints of certify_target (the target itself comes with each request).
-    looks = rule.looks(int(num_samples))
+    # The looks of certify_target (the target itself comes with each request).
+    plan = rule.plan(int(num_samples), float(alpha))
     return ExportConfig(
         num_samples=int(num_samples), predict_num_samples=int(predict_num_samples),
         alpha=float(alpha), bound=bound, sigma=None if sigma is None else float(sigma),
@@ -325,9 +333,10 @@ def _config(smoothed: SmoothedClassifier, num_samples: int, alpha: float, bound:
         noise={"class_name": type(smoothed.noise).__name__,
                "config": smoothed.noise.get_config()},
         serving_device=serving_device, model_name=model_name,
-        target_looks=tuple(int(n) for n in looks),
-        target_levels=tuple(float(a) for a in rule.levels(alpha, len(looks))),
-        futility_level=float(rule.futility_level))
+        stopping_method=rule.method, target_looks=plan.looks, target_levels=plan.levels,
+        target_final_level=plan.final_level, futility_level=float(rule.futility_level),
+        min_gain=None if rule.min_gain is None else float(rule.min_gain),
+        prior=tuple(float(v) for v in rule.prior), bet_truncation=float(rule.bet_truncation))
 
 
 def _serving_module(smoothed: SmoothedClassifier, config: ExportConfig,
@@ -346,8 +355,10 @@ def _serving_module(smoothed: SmoothedClassifier, config: ExportConfig,
                                ("num_classes", config.num_classes, tf.int64),
                                ("pass_size", config.pass_size, tf.int64),
                                ("serving_device", config.serving_device, tf.string),
+                               ("stopping_method", config.stopping_method, tf.string),
                                ("target_looks", config.target_looks, tf.int64),
-                               ("target_levels", config.target_levels, tf.float64)):
+                               ("target_levels", config.target_levels, tf.float64),
+                               ("target_final_level", config.target_final_level, tf.float64)):
         setattr(module, name, tf.Variable(value, dtype=dtype, trainable=False, name=name))
 
     images_spec = tf.TensorSpec([None, *config.image_shape], tf.float32, name="images")
@@ -477,14 +488,6 @@ def _names(config: ExportConfig) -> tuple[str, ...]:
     return () if config.bound == "none" else (config.bound,)
 
 
-def _radius(p1_lower: tf.Tensor, p2_upper: tf.Tensor, config: ExportConfig) -> tf.Tensor:
-    """float64 radius of ``config.bound`` (0 for ``none``; `RADII` give 0 where
-    ``p1 <= p2``)."""
-    if config.bound == "none":
-        return tf.zeros_like(p1_lower)
-    return RADII[config.bound](p1_lower, p2_upper, config.sigma)
-
-
 def _checked_targets(target_radius: tf.Tensor, batch: tf.Tensor) -> tf.Tensor:
     """float64 ``target_radius`` once it is known to hold one finite radius >= 0 per
     image (else InvalidArgument)."""
@@ -504,115 +507,58 @@ def _checked_targets(target_radius: tf.Tensor, batch: tf.Tensor) -> tf.Tensor:
 
 def _certify_target(votes: _VoteCounter, images: tf.Tensor, keys: tf.Tensor,
                     target_radius: tf.Tensor, config: ExportConfig) -> dict[str, tf.Tensor]:
-    """`tfcert.sequential.run_sequential` with method ``"checkpoints"`` and simultaneous
-    statistics, as one ``tf.while_loop`` over the looks.
+    """`tfcert.sequential.run_sequential` (simultaneous statistics) as one
+    ``tf.while_loop`` over the looks, each calling `tfcert.sequential.look`.
 
     Look j samples draws ``n_{j−1} … n_j − 1`` of the undecided images only (gathered
-    into the same passes, `SmoothedClassifier.count_votes`), adds them to their votes,
-    certifies them at level α_j (:func:`_look`) and drops the decided ones; the loop
-    ends when none is left or after the last look.  Each image keeps the certificate
-    of the look where it stopped (valid at level Σ α_j = α whatever the stopping rule,
-    module docstring of :mod:`tfcert.sequential`).
+    into the same passes, `SmoothedClassifier.count_votes`), stores them as the votes of
+    look j, certifies every undecided image from its votes so far and drops the decided
+    ones; the loop ends when none is left or after the last look.  Each image keeps the
+    certificate of the look where it stopped (valid at level α whatever the stopping
+    rule, module docstring of :mod:`tfcert.sequential`).
     """
     batch = tf.shape(images, out_type=tf.int64)[0]
     target = _checked_targets(target_radius, batch)
+    rule, num_looks = config.stopping_rule(), len(config.target_looks)
     looks = tf.constant(config.target_looks, tf.int64)
-    starts = tf.constant((0, *config.target_looks[:-1]), tf.int64)
+    trials = tf.constant(np.diff(config.target_looks, prepend=0), tf.int64)
+    levels = tf.constant(config.target_levels, tf.float64)
+    final = tf.constant(config.target_final_level, tf.float64)
     zeros = tf.zeros(tf.expand_dims(batch, 0), tf.float64)
     result = {"prediction": tf.fill(tf.expand_dims(batch, 0), tf.constant(ABSTAIN, tf.int64)),
               "radius": zeros, "p1_lower": zeros, "p2_upper": zeros,
               "num_samples": tf.zeros(tf.expand_dims(batch, 0), tf.int64)}
 
-    def look(j, active, counts, result):
-        new_votes = votes.count(tf.gather(images, active), tf.gather(keys, active),
-                                looks[j] - starts[j], starts[j])
-        rows = active[:, None]
-        counts = tf.tensor_scatter_nd_add(counts, rows, new_votes)
-        cert, stop = _look(tf.gather(counts, active), j, tf.gather(target, active), config)
-        cert["num_samples"] = tf.fill(tf.shape(active), looks[j])
-        result = {key: tf.tensor_scatter_nd_update(value, rows, cert[key])
+    def body(j, active, votes_so_far, result):
+        new_votes = votes.count(tf.gather(images, active), tf.gather(keys, active), trials[j],
+                                looks[j] - trials[j])
+        look_index = tf.fill(tf.shape(active), tf.cast(j, tf.int64))
+        votes_so_far = tf.tensor_scatter_nd_add(votes_so_far,
+                                                tf.stack([active, look_index], axis=1), new_votes)
+        last = tf.equal(j, num_looks - 1)
+        cert, stop = look(rule, tf.gather(votes_so_far, active)[:, :j + 1], trials[:j + 1],
+                          trials[j + 1:], tf.stack([levels[j], levels[-1]]),
+                          tf.stack([tf.where(last, final, tf.zeros_like(final)), final]),
+                          tf.gather(target, active), config.sigma, _names(config),
+                          "simultaneous")
+        cert = {"prediction": cert["prediction"], "p1_lower": cert["p1_lower"],
+                "p2_upper": cert["p2_upper"],
+                "radius": cert.get(config.bound, tf.zeros_like(cert["p1_lower"])),
+                "num_samples": tf.fill(tf.shape(active), looks[j])}
+        result = {key: tf.tensor_scatter_nd_update(value, active[:, None], cert[key])
                   for key, value in result.items()}
-        return j + 1, tf.boolean_mask(active, ~stop), counts, result
+        return j + 1, tf.boolean_mask(active, ~stop), votes_so_far, result
 
-    _, _, counts, result = tf.while_loop(
-        lambda j, active, counts, result: tf.size(active) > 0, look,
+    _, _, votes_so_far, result = tf.while_loop(
+        lambda j, active, votes_so_far, result: tf.size(active) > 0, body,
         (tf.constant(0), tf.range(batch),
-         tf.zeros(tf.stack([batch, config.num_classes]), tf.int64), result),
+         tf.zeros(tf.stack([batch, num_looks, config.num_classes]), tf.int64), result),
         shape_invariants=(tf.TensorShape([]), tf.TensorShape([None]),
-                          tf.TensorShape([None, config.num_classes]),
+                          tf.TensorShape([None, num_looks, config.num_classes]),
                           {key: tf.TensorShape([None]) for key in result}),
-        maximum_iterations=len(config.target_looks))
-    return {**result, "radius": _float32_round_down(result["radius"]), "counts": counts}
-
-
-def _look(counts: tf.Tensor, j: tf.Tensor, target: tf.Tensor,
-          config: ExportConfig) -> tuple[dict[str, tf.Tensor], tf.Tensor]:
-    """The certificate of look ``j`` and which images stop.
-
-    The certificate is `tfcert.sequential.look_certificate`'s: with the checkpoints,
-    the fixed-n certificate of the votes so far at level α_j (every class bounded at
-    α_j/(2k), `tfcert.stats.top_class_bounds`).  An image stops
-    (`tfcert.sequential.decided`) once certified at radius >= its target, or once its
-    reachable radius (:func:`_projected_bounds`) is below the target.  Every bound of
-    the look is one bisection (the certificate's and the futility rates), the
-    projections a second one (skipped when every image is certified at its target),
-    each radius one refined-grid search: the cost of a look is a few fixed-size loops
-    whatever the number of images.
-    """
-    k = config.num_classes
-    drawn = tf.cast(tf.gather(tf.constant(config.target_looks, tf.int64), j), tf.float64)
-    side = tf.gather(tf.constant(config.target_levels, tf.float64), j) / (2.0 * k)
-    top = tf.argmax(counts, axis=-1, output_type=tf.int64)
-    is_top = tf.one_hot(top, k, on_value=True, off_value=False)
-    runner = tf.argmax(tf.where(is_top, -tf.ones_like(counts), counts), axis=-1,
-                       output_type=tf.int64)
-    top_votes, runner_votes = (tf.cast(tf.gather(counts, c, axis=-1, batch_dims=1), tf.float64)
-                               for c in (top, runner))
-    successes = tf.concat([tf.cast(counts, tf.float64), top_votes[:, None],
-                           runner_votes[:, None]], axis=1)
-    levels = tf.concat([tf.fill([k], side), tf.constant([config.futility_level] * 2, tf.float64)],
-                       axis=0)
-    lower, upper = stats.clopper_pearson_graph(  # one level per count: [batch, k + 2]
-        successes, drawn, tf.broadcast_to(levels, tf.shape(successes)))
-    p1, p2, top = stats.top_class_bounds(counts, lower[:, :k], upper[:, :k])
-    prediction, radii = certify_bounds(p1, p2, top, config.sigma, _names(config))
-    radius = radii.get(config.bound, tf.zeros_like(p1))
-    done = (p1 > p2) & (radius >= target)
-
-    def futile() -> tf.Tensor:
-        reach_p1, reach_p2 = _projected_bounds(top_votes, runner_votes, upper[:, k],
-                                               lower[:, k + 1], j, config)
-        return _radius(reach_p1, reach_p2, config) < target
-
-    # The futility rule only matters for the images not certified at their target.
-    futile = tf.cond(tf.reduce_all(done), lambda: tf.zeros_like(done), futile)
-    cert = {"prediction": prediction, "radius": radius, "p1_lower": p1, "p2_upper": p2}
-    return cert, done | futile
-
-
-def _projected_bounds(top_votes: tf.Tensor, runner_votes: tf.Tensor, top_rate: tf.Tensor,
-                      runner_rate: tf.Tensor, j: tf.Tensor,
-                      config: ExportConfig) -> tuple[tf.Tensor, tf.Tensor]:
-    """The bounds of the reachable radius (`tfcert.sequential.reachable_radius`,
-    checkpoints, simultaneous statistics): those of the last look (n = ``num_samples``
-    draws, level α_J/(2k) per bound) if the draws of the looks after ``j`` came at
-    optimistic frequencies, the top class's at ``top_rate`` (its level-
-    ``futility_level`` upper bound) and the runner-up's at ``runner_rate`` (its lower
-    bound).  The future looks are added one by one in order, as `tfcert.sequential`
-    sums them (numpy sums up to 7 terms in that order: bit-identical answers up to 7
-    looks, e.g. n <= 12,800 with the default checkpoints; beyond, numpy's pairwise sum may differ in the last bit).
-    """
-    drawn = tf.cast(tf.gather(tf.constant(config.target_looks, tf.int64), j), tf.float64)
-    top_final, runner_rest = top_votes, drawn - runner_votes  # runner-up: its non-votes
-    for index, increment in enumerate(np.diff(config.target_looks, prepend=0)):
-        future, increment = j < index, float(increment)
-        top_final += tf.where(future, top_rate * increment, tf.zeros_like(top_rate))
-        runner_rest += tf.where(future, increment - runner_rate * increment,
-                                tf.zeros_like(runner_rate))
-    side = config.target_levels[-1] / (2 * config.num_classes)
-    lower, _ = stats.clopper_pearson_graph(tf.stack([top_final, runner_rest]),
-                                           float(config.target_looks[-1]), side)
-    return lower[0], tf.minimum(stats.complement_up(lower[1]), stats.complement_up(lower[0]))
+        maximum_iterations=num_looks)
+    return {**result, "radius": _float32_round_down(result["radius"]),
+            "counts": tf.reduce_sum(votes_so_far, axis=1)}
 
 
 def _prediction(counts: tf.Tensor, alpha: float) -> dict[str, tf.Tensor]:

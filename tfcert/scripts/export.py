@@ -7,9 +7,9 @@ writes ``serving/mnist/<version>/`` (the next free version unless --version is g
 a SavedModel whose signatures run the noisy sampling loop and the certificate inside
 the graph, with TF Serving warmup requests in ``assets.extra/``, and prints its
 signatures and path.  ``--serving_device=gpu`` sizes the sampling passes for a GPU
-server (``--pass_size`` sets them explicitly); ``--first_checkpoint`` and
-``--checkpoint_growth`` set the looks of the early-stopping signatures
-(``certify_target``; as certify.py's flags of the same names).  Serve it with TF
+server (``--pass_size`` sets them explicitly); ``--stopping_method``,
+``--first_checkpoint`` and ``--checkpoint_growth`` set the bounds and looks of the
+early-stopping signatures (``certify_target``; as certify.py's flags of the same names).  Serve it with TF
 Serving as described in the checkout's export/README.md.  Thin over
 :func:`tfcert.export.export_saved_model`.
 """
@@ -52,11 +52,16 @@ flags.DEFINE_enum("serving_device", "cpu", ["cpu", "gpu"],
 flags.DEFINE_integer("pass_size", None, "Noisy inputs per forward pass inside the graph "
                      "(bounds memory); overrides the automatic size of --serving_device.",
                      lower_bound=1)
-flags.DEFINE_integer("first_checkpoint", None, "certify_target signatures (early stopping): "
-                     "draws per image at the first look (default: "
-                     "tfcert.export.FIRST_CHECKPOINT = 200).", lower_bound=1)
-flags.DEFINE_float("checkpoint_growth", 2.0, "certify_target signatures: each look at this "
-                   "many times the previous look's draws (> 1), the last at --num_samples.")
+flags.DEFINE_enum("stopping_method", "mixture", ["mixture", "betting", "checkpoints"],
+                  "certify_target signatures (early stopping): bounds at each look, as "
+                  "certify.py's: mixture / betting confidence sequences (anytime-valid), or "
+                  "Clopper-Pearson at checkpoints with a Bonferroni split of alpha.")
+flags.DEFINE_integer("first_checkpoint", None, "certify_target signatures: draws per image "
+                     "at the first look (default: the method's, "
+                     "tfcert.sequential.SCHEDULES: 32, or 100 for checkpoints).", lower_bound=1)
+flags.DEFINE_float("checkpoint_growth", None, "certify_target signatures: each look at "
+                   "least this many times the previous look's draws (> 1), the last at "
+                   "--num_samples (default: the method's, 1.1, or 2 for checkpoints).")
 flags.DEFINE_string("base_dir", "serving", "TF Serving model base folder.")
 flags.DEFINE_string("name", "tfcert", "Model name (the folder under --base_dir and the name "
                     "in /v1/models/<name>).")
@@ -69,13 +74,15 @@ def run(argv: list[str]) -> None:
     cli.require(FLAGS.model is not None, "--model is required (a .keras file from train.py)")
     cli.require(FLAGS.sigma is not None and FLAGS.sigma > 0, "--sigma must be > 0")
     cli.require(0 < FLAGS.alpha < 1, "--alpha must be in (0, 1)")
-    cli.require(FLAGS.checkpoint_growth > 1, "--checkpoint_growth must be > 1")
+    cli.require(FLAGS.checkpoint_growth is None or FLAGS.checkpoint_growth > 1,
+                "--checkpoint_growth must be > 1")
     bound = FLAGS.bound or ("renyi" if FLAGS.defense == "gaussian" else "none")
     cli.require(FLAGS.defense == "gaussian" or bound == "none",
                 f"--bound={bound} is an ℓ2 radius of Gaussian noise; with --defense="
                 f"{FLAGS.defense} use --bound=none (its certificate is the ℓ∞ KL bound of "
                 "certify.py, computable from the exported counts)")
     from tfcert import export
+    from tfcert.sequential import StoppingRule
     from tfcert.smoothing import SmoothedClassifier
 
     try:
@@ -92,7 +99,9 @@ def run(argv: list[str]) -> None:
             smoothed, path, FLAGS.num_samples, FLAGS.alpha, bound, FLAGS.pass_size,
             predict_num_samples=FLAGS.predict_num_samples, image_shape=image_shape,
             serving_device=FLAGS.serving_device, model_name=FLAGS.name, metadata=metadata,
-            first_checkpoint=FLAGS.first_checkpoint, checkpoint_growth=FLAGS.checkpoint_growth)
+            early_stopping=StoppingRule(0.0, FLAGS.stopping_method,
+                                        first_look=FLAGS.first_checkpoint,
+                                        growth=FLAGS.checkpoint_growth))
     except (ValueError, OSError) as err:  # OSError: version taken, --base_dir not a folder
         raise cli.CliError(str(err)) from err
     print(export.signature_summary(path))
@@ -100,10 +109,18 @@ def run(argv: list[str]) -> None:
           f"alpha={config.alpha}, bound={config.bound}, sigma={config.sigma}, "
           f"pass_size={config.pass_size} (serving_device={config.serving_device}), "
           f"classes={config.num_classes}, images={list(config.image_shape)}, "
-          f"certify_target looks={list(config.target_looks)}")
+          f"certify_target: {config.stopping_method}, {len(config.target_looks)} looks "
+          f"{_abridged(config.target_looks)}")
     print(f"warmup: {export.WARMUP_FILE}, one request per signature for model "
           f"'{config.model_name}'")
     print(f"SavedModel written to {path}")
+
+
+def _abridged(looks: tuple[int, ...]) -> str:
+    """The looks as a list, the middle elided beyond eight."""
+    shown = [str(n) for n in looks] if len(looks) <= 8 else [
+        *map(str, looks[:4]), "…", *map(str, looks[-3:])]
+    return f"[{', '.join(shown)}]"
 
 
 def model_geometry(model) -> tuple[tuple[int, int, int], int]:
