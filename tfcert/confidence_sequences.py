@@ -77,6 +77,7 @@ checked at once (``ValueError``), tensors inside a graph by ``tf.debugging`` ass
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import tensorflow as tf
 
@@ -150,11 +151,13 @@ def _rejected(log_evidence: tf.Tensor, error: tf.Tensor, alpha: tf.Tensor) -> tf
     return log_evidence >= threshold + margin
 
 
-def _evidence_error(terms: list[tf.Tensor]) -> tf.Tensor:
-    """``EVIDENCE_RELATIVE_ERROR`` times the summed magnitude of the finite ``terms`` plus
-    ``EVIDENCE_ABSOLUTE_ERROR``."""
-    magnitude = sum(tf.where(tf.math.is_finite(t), tf.abs(t), tf.zeros_like(t))
-                    for t in terms)
+def _magnitude(terms: list[tf.Tensor]) -> tf.Tensor:
+    """The summed absolute value of the finite ``terms`` (the scale of their rounding)."""
+    return sum(tf.where(tf.math.is_finite(t), tf.abs(t), tf.zeros_like(t)) for t in terms)
+
+
+def _evidence_error(magnitude: tf.Tensor) -> tf.Tensor:
+    """``EVIDENCE_RELATIVE_ERROR · magnitude + EVIDENCE_ABSOLUTE_ERROR``."""
     return EVIDENCE_RELATIVE_ERROR * magnitude + EVIDENCE_ABSOLUTE_ERROR
 
 
@@ -177,23 +180,30 @@ def mixture_log_evidence(successes: stats.TensorLike, trials: stats.TensorLike,
     """
     prior = check_prior(prior)
     s, n = _checked_mixture_votes(successes, trials, prior)
-    return _mixture_log_evidence(s, n, stats.to_float64(p), prior)
+    return _mixture_log_evidence(s, n, prior)(stats.to_float64(p))
 
 
-def _mixture_log_evidence(s: tf.Tensor, n: tf.Tensor, p: tf.Tensor,
-                          prior: tuple[float, float]) -> tuple[tf.Tensor, tf.Tensor]:
-    """`mixture_log_evidence` of checked arguments."""
+def _mixture_log_evidence(s: tf.Tensor, n: tf.Tensor, prior: tuple[float, float]
+                          ) -> Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]]:
+    """`mixture_log_evidence` of checked votes, as a function of p₀ (the terms that do not
+    depend on p₀, the log-beta ratio, are computed once, outside any bisection)."""
     a, b = prior
     f = n - s
-    q = 1.0 - p
-    posterior = tf.math.log(tf.math.betainc(f + b, s + a, q))
-    terms = [tf.math.lgamma(s + a), tf.math.lgamma(f + b), -tf.math.lgamma(n + a + b),
-             tf.constant(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b), tf.float64),
-             -tf.math.xlogy(s, p), -tf.math.xlog1py(f, -p), posterior,
-             -tf.math.log(tf.math.betainc(tf.constant(b, tf.float64),
-                                          tf.constant(a, tf.float64), q))]
+    fixed = [tf.math.lgamma(s + a), tf.math.lgamma(f + b), -tf.math.lgamma(n + a + b),
+             tf.constant(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b), tf.float64)]
+    fixed_value, fixed_magnitude = sum(fixed), _magnitude(fixed)
     betainc_error = stats.BETAINC_RELATIVE_ERROR * (n + 2.0 * (a + b))
-    return sum(terms), _evidence_error(terms) + betainc_error
+
+    def log_evidence(p: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        q = 1.0 - p
+        terms = [-tf.math.xlogy(s, p), -tf.math.xlog1py(f, -p),
+                 tf.math.log(tf.math.betainc(f + b, s + a, q)),
+                 -tf.math.log(tf.math.betainc(tf.constant(b, tf.float64),
+                                              tf.constant(a, tf.float64), q))]
+        error = _evidence_error(fixed_magnitude + _magnitude(terms)) + betainc_error
+        return fixed_value + sum(terms), error
+
+    return log_evidence
 
 
 def mixture_lower(successes: stats.TensorLike, trials: stats.TensorLike,
@@ -227,8 +237,10 @@ def mixture_lower(successes: stats.TensorLike, trials: stats.TensorLike,
     s, n = s + tf.zeros_like(n), n + tf.zeros_like(s)
     high = tf.math.divide_no_nan(s, n)
 
+    log_evidence = _mixture_log_evidence(s, n, prior)
+
     def rejects(p):
-        return _rejected(*_mixture_log_evidence(s, n, p, prior), alpha)
+        return _rejected(*log_evidence(p), alpha)
 
     low, _ = bisect(rejects, tf.zeros_like(high), high, steps)
     return low
@@ -288,7 +300,7 @@ def _log_capital(s: tf.Tensor, f: tf.Tensor, bets: tf.Tensor, m: tf.Tensor,
     bets = tf.minimum(bets, truncation / m)
     wins, losses = s * tf.math.log1p(bets * (1.0 - m)), f * tf.math.log1p(-bets * m)
     return (tf.reduce_sum(wins + losses, axis=-1),
-            _evidence_error([tf.reduce_sum(wins - losses, axis=-1)]))
+            _evidence_error(tf.reduce_sum(wins - losses, axis=-1)))
 
 
 def betting_lower(successes: stats.TensorLike, trials: stats.TensorLike,
