@@ -547,6 +547,8 @@ def test_cli_prints_signatures_and_versioned_path(exports):
         assert f"signature_def['{name}']" in stdout
     assert "inputs['seed']: int64 (-1,)" in stdout and "outputs['radius']: float32 (-1,)" in stdout
     assert f"pass_size={PASS_SIZE} (serving_device=gpu)" in stdout
+    looks = StoppingRule(0.0).looks(NUM_SAMPLES)  # --stopping_method=mixture by default
+    assert f"certify_target: mixture, {len(looks)} looks [{looks[0]}, " in stdout
     assert f"warmup: {export.WARMUP_FILE}, one request per signature for model 'digits'" in stdout
 
 

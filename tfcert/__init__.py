@@ -17,7 +17,7 @@ import importlib
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("adversarial_training", "analysis", "attacks", "bench", "bounds", "certificate",
+_SUBMODULES = ("adversarial_training", "analysis", "attacks", "bounds", "certificate",
                "certification", "cli", "confidence_sequences", "data", "devices", "export",
                "keys", "kl", "layers", "models", "results", "robust_accuracy",
                "scripts", "sequential", "smoothing", "stats", "training")

@@ -67,7 +67,7 @@ def small_cnn(input_shape=(8, 8, 1), num_classes: int = 10) -> keras.Model:
 def trained_small_cnn(sigma: float) -> keras.Model:
     """`small_cnn` trained for 6 epochs (seconds on a CPU) on sklearn digits, the train
     split twice, each copy under Gaussian noise of std ``sigma`` (seed 0): the model of
-    the export benchmark (`tfcert.bench`, section 8) and of tests/test_export.py.
+    the export benchmark (`benchmarks/export_latency.py`) and of tests/test_export.py.
 
     Example:
 

@@ -22,7 +22,7 @@ from tfcert.devices import PASS_DEVICES
 from tfcert.export.reading import CONFIG_ASSET, FORBIDDEN_OPS, forbidden_ops
 from tfcert.export.warmup import WARMUP_FILE, WARMUP_PIXEL, write_warmup_requests
 from tfcert.keys import ESTIMATION, draw_keys
-from tfcert.sequential import StoppingRule, look
+from tfcert.sequential import Plan, StoppingRule, look
 from tfcert.smoothing import SmoothedClassifier
 
 BOUNDS = (*RADII, "none")
@@ -83,6 +83,10 @@ class ExportConfig:
     min_gain: float | None
     prior: tuple[float, float]
     bet_truncation: float
+
+    def plan(self) -> Plan:
+        """The looks and levels of ``certify_target`` (`StoppingRule.plan`)."""
+        return Plan(self.target_looks, self.target_levels, self.target_final_level)
 
     def stopping_rule(self) -> StoppingRule:
         """The `StoppingRule` of ``certify_target`` (target 0: targets come per request)."""
@@ -519,11 +523,11 @@ def _certify_target(votes: _VoteCounter, images: tf.Tensor, keys: tf.Tensor,
     """
     batch = tf.shape(images, out_type=tf.int64)[0]
     target = _checked_targets(target_radius, batch)
-    rule, num_looks = config.stopping_rule(), len(config.target_looks)
-    looks = tf.constant(config.target_looks, tf.int64)
-    trials = tf.constant(np.diff(config.target_looks, prepend=0), tf.int64)
-    levels = tf.constant(config.target_levels, tf.float64)
-    final = tf.constant(config.target_final_level, tf.float64)
+    rule, plan = config.stopping_rule(), config.plan()
+    num_looks = len(plan.looks)
+    looks, trials = tf.constant(plan.looks, tf.int64), tf.constant(plan.trials, tf.int64)
+    levels = tf.constant(plan.levels, tf.float64)
+    final = tf.constant(plan.final_level, tf.float64)
     zeros = tf.zeros(tf.expand_dims(batch, 0), tf.float64)
     result = {"prediction": tf.fill(tf.expand_dims(batch, 0), tf.constant(ABSTAIN, tf.int64)),
               "radius": zeros, "p1_lower": zeros, "p2_upper": zeros,

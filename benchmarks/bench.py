@@ -1,6 +1,6 @@
 """Benchmark suite: how fast tfcert certifies, and what bfloat16 and early stopping change.
 
-    python -m tfcert.bench --model=runs/demo/train/model.keras --output_json=runs/bench.json
+    python benchmarks/bench.py --model=runs/demo/train/model.keras --output_json=runs/bench.json
 
 Prints a report (docs/PERFORMANCE.md shows one with the machine it ran on):
 
@@ -27,6 +27,7 @@ Prints a report (docs/PERFORMANCE.md shows one with the machine it ran on):
 The latency of the exported early-stopping signatures is measured by
 ``benchmarks/export_latency.py``.
 
+``--sections`` runs some of them (e.g. ``--sections=certification``: section 7 alone);
 ``--quick`` shrinks every workload (a smoke test, not a measurement).
 """
 
@@ -82,6 +83,9 @@ flags.DEFINE_list("early_bounds", ["renyi", "cohen"], "Section 7 early stopping:
                   "first is compared with --target_radius.")
 flags.DEFINE_float("alpha", 0.001, "α of the certificates.")
 flags.DEFINE_list("export_samples", ["1000", "10000"], "n of the export latency rows.")
+SECTIONS = ("sampling", "pass_sizes", "training", "bounds", "export", "certification")
+flags.DEFINE_list("sections", list(SECTIONS), f"Sections to run, of {', '.join(SECTIONS)} "
+                  "(2-7 above; the machine report always comes first).")
 flags.DEFINE_bool("quick", False, "Tiny workloads: checks that every section runs.")
 flags.DEFINE_string("output_json", None, "Also write every number to this JSON file.")
 
@@ -91,31 +95,33 @@ EARLY_STOPPING_SEED = 2  # noise seed of every run of the early-stopping table
 
 def main(argv: list[str]) -> None:
     cli.require(len(argv) == 1, f"unexpected arguments {argv[1:]}")
+    unknown = sorted(set(FLAGS.sections) - set(SECTIONS))
+    cli.require(not unknown, f"unknown --sections {unknown}; choose from {list(SECTIONS)}")
     if FLAGS.quick:
         for name, value in (("rounds", 1), ("passes", 1), ("naive_samples", 8),
                             ("num_images", 6), ("num_samples", 200), ("pass_size", 64),
                             ("export_samples", ["200"])):
             setattr(FLAGS, name, value)
-    report: dict = {"command": " ".join(["python -m tfcert.bench", *sys.argv[1:]]),
+    report: dict = {"command": " ".join(["python benchmarks/bench.py", *sys.argv[1:]]),
                     "machine": machine()}
     _print_machine(report["machine"])
     model, trained = _model()
     report["model"] = FLAGS.model if trained else "untrained stn_mnist"
-    sections: list[tuple[str, Callable]] = [
-        ("sampling", lambda: sampling_throughput(model)),
-        ("pass_sizes", lambda: pass_size_throughput(model)),
-        ("training", training_steps),
-        ("bounds", bound_speed),
-        ("export", lambda: export_latency(model)),
-    ]
-    if trained:
-        sections.append(("certification", lambda: certification(model)))
-    else:
+    sections: dict[str, Callable] = {
+        "sampling": lambda: sampling_throughput(model),
+        "pass_sizes": lambda: pass_size_throughput(model),
+        "training": training_steps,
+        "bounds": bound_speed,
+        "export": lambda: export_latency(model),
+        "certification": lambda: certification(model),
+    }
+    if not trained and "certification" in FLAGS.sections:
         print(f"\n[7] skipped: {FLAGS.model} not found; train one with\n    python train.py "
               "--dataset=mnist_subset --method=stn --sigma=0.5 --epochs=3 "
               "--output_dir=/tmp/perf_model")
-    for name, run in sections:
-        report[name] = {"load_before": os.getloadavg()[0], **run()}
+    for name in SECTIONS:
+        if name in FLAGS.sections and (trained or name != "certification"):
+            report[name] = {"load_before": os.getloadavg()[0], **sections[name]()}
     report["load_end"] = os.getloadavg()
     if FLAGS.output_json:
         with open(FLAGS.output_json, "w") as f:
