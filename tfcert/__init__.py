@@ -18,8 +18,8 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = ("adversarial_training", "analysis", "attacks", "bounds", "certificate",
-               "certification", "cli", "confidence_sequences", "data", "devices", "export",
-               "keys", "kl", "layers", "models", "results", "robust_accuracy",
+               "certification", "cli", "confidence_sequences", "data", "denoising", "devices",
+               "export", "keys", "kl", "layers", "models", "results", "robust_accuracy",
                "scripts", "sequential", "smoothing", "stats", "training")
 _NAMES = {
     "SmoothedClassifier": "smoothing", "Certificate": "certificate",
@@ -27,6 +27,7 @@ _NAMES = {
     "RobustTrainingModel": "training", "ConsistencyModel": "training",
     "MACERModel": "training", "SmoothAdvModel": "training",
     "AdversarialTrainingModel": "adversarial_training", "TRADESModel": "adversarial_training",
+    "DenoiserModel": "denoising",
     "StoppingRule": "sequential", "certify_sequential": "sequential",
 }
 

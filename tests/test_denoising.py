@@ -1,0 +1,127 @@
+"""Denoised smoothing: DnCNN, the training objectives of `tfcert.DenoiserModel`, the
+composition with a frozen classifier, serialization."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tfcert
+from tfcert import data, models
+from tfcert.layers import GaussianNoise
+from tfcert.smoothing import SmoothedClassifier
+
+SIGMA = 0.5
+
+
+@pytest.fixture(scope="module")
+def digits():
+    x, y = data.load_arrays("digits", "train")
+    x_test, y_test = data.load_arrays("digits", "test")
+    return x, y, x_test, y_test
+
+
+@pytest.fixture(scope="module")
+def clean_classifier(digits):
+    """small_cnn trained on clean digits only (94-95% test accuracy)."""
+    x, y, _, _ = digits
+    keras.utils.set_random_seed(0)
+    model = models.small_cnn()
+    model.compile(keras.optimizers.Adam(3e-3),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, epochs=10, batch_size=64, verbose=0)
+    return model
+
+
+def test_dncnn_predicts_the_noise_and_keeps_the_shape():
+    denoiser = models.dncnn((12, 10, 3), depth=4, filters=8)
+    noisy = np.random.default_rng(0).random((2, 12, 10, 3)).astype(np.float32)
+    out = denoiser(noisy)
+    assert out.shape == noisy.shape and out.dtype == tf.float32
+    # residual: with the last convolution zeroed the output is the input itself
+    last = [layer for layer in denoiser.layers if isinstance(layer, keras.layers.Conv2D)][-1]
+    last.set_weights([np.zeros_like(w) for w in last.get_weights()])
+    np.testing.assert_array_equal(denoiser(noisy), noisy)
+    with pytest.raises(ValueError, match="depth >= 2"):
+        models.dncnn(depth=1)
+
+
+def test_denoised_composition_checks_shapes(clean_classifier):
+    base = models.denoised(models.dncnn((8, 8, 1), depth=3, filters=4), clean_classifier)
+    assert base.output_shape == (None, 10)
+    with pytest.raises(ValueError, match="does not fit the classifier"):
+        models.denoised(models.dncnn((9, 8, 1), depth=3, filters=4), clean_classifier)
+
+
+def test_denoiser_model_refuses_bad_arguments(clean_classifier):
+    denoiser = models.dncnn((8, 8, 1), depth=3, filters=4)
+    for kwargs, message in (({"objective": "l1"}, "unknown objective"),
+                            ({"objective": "stab"}, "needs the classifier"),
+                            ({"objective": "stab_mse", "classifier": clean_classifier},
+                             "mse_steps >= 1"),
+                            ({"sigma": 0.0}, "sigma must be finite and > 0"),
+                            ({"sigma": float("nan")}, "sigma must be finite and > 0")):
+        with pytest.raises(ValueError, match=message):
+            tfcert.DenoiserModel(denoiser, **{"sigma": SIGMA, **kwargs})
+    squeeze = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(1, 2)])
+    with pytest.raises(ValueError, match="of its input's shape"):
+        tfcert.DenoiserModel(squeeze, SIGMA)
+
+
+def test_stab_mse_switches_from_mse_to_stability_after_mse_steps(clean_classifier, digits):
+    model = tfcert.DenoiserModel(models.dncnn((8, 8, 1), depth=3, filters=4), SIGMA,
+                                 "stab_mse", classifier=clean_classifier, mse_steps=5, seed=3)
+    model.compile(optimizer=keras.optimizers.SGD(0.0))  # learning rate 0: weights stay
+    x = tf.constant(digits[0][:32])
+    for step, expected in ((4, "mse"), (5, "stability_loss")):
+        model.optimizer.iterations.assign(step)
+        values = model._objective(x, training=False)
+        assert float(values["loss"]) == float(values[expected]), step
+
+
+@pytest.mark.slow
+def test_each_objective_learns_and_stab_certifies_more_than_the_classifier(clean_classifier,
+                                                                           digits):
+    """Digits at σ = 0.5, 30 epochs of each objective: every objective lowers its own
+    loss and never changes the classifier; the Stab denoisers (Salman et al.'s finding)
+    lift the composition's average certified radius well above the classifier's alone
+    (measured on 100 test images, n = 500: ACR 0.32 (stab, stab_mse) vs 0.24 alone; mse
+    0.24; 0.05 is above the seeded run-to-run spread of the ACR of a fixed model, whose
+    certificates here differ only through which images flip at the margin)."""
+    x, _, x_test, y_test = digits
+    weights = [w.copy() for w in clean_classifier.get_weights()]
+
+    def acr(base):
+        cert = SmoothedClassifier(base, 10, GaussianNoise(SIGMA)).certify(
+            x_test[:100], 500, 0.001, "cohen", seed=0)
+        return float(np.mean(np.where(cert.prediction == y_test[:100], cert.radius, 0.0)))
+
+    alone = acr(clean_classifier)
+    for objective in ("mse", "stab", "stab_mse"):
+        keras.utils.set_random_seed(1)
+        denoiser = models.dncnn((8, 8, 1), depth=5, filters=32)
+        model = tfcert.DenoiserModel(denoiser, SIGMA, objective, classifier=clean_classifier,
+                                     mse_steps=15 * 12, seed=1)
+        model.compile(optimizer=keras.optimizers.Adam(1e-3))
+        history = model.fit(x, epochs=30, batch_size=128, verbose=0).history
+        own = "mse" if objective == "mse" else "stability_loss"
+        assert history[own][-1] < 0.7 * history[own][0], objective
+        for before, after in zip(weights, clean_classifier.get_weights()):
+            np.testing.assert_array_equal(before, after)
+        if objective != "mse":
+            assert acr(models.denoised(denoiser, clean_classifier)) > alone + 0.05, objective
+
+
+def test_denoiser_model_save_load_round_trip(clean_classifier, digits, tmp_path):
+    model = tfcert.DenoiserModel(models.dncnn((8, 8, 1), depth=3, filters=4), SIGMA, "stab",
+                                 classifier=clean_classifier, seed=2)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    model.fit(digits[0][:256], epochs=1, batch_size=64, verbose=0)
+    path = str(tmp_path / "denoiser.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert isinstance(loaded, tfcert.DenoiserModel)
+    assert (loaded.objective, loaded.sigma, loaded.seed) == ("stab", SIGMA, 2)
+    noisy = digits[2][:8] + 0.1
+    np.testing.assert_allclose(loaded(noisy), model(noisy), rtol=1e-6, atol=1e-6)  # float32
+    loaded.fit(digits[0][:128], epochs=1, batch_size=64, verbose=0)  # resumes training
