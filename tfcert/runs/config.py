@@ -344,3 +344,110 @@ class AttackConfig(_DataOptions, _EngineOptions):
                 "--center_stddev must be > 0")
         require((self.attack == "transfer") == (self.source_model is not None),
                 "--source_model is needed by --attack=transfer and only by it")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig(_Config):
+    """A training run (`tfcert.runs.train`, ``tfcert-train``): each field is the flag of the
+    same name."""
+
+    dataset: str = option("mnist_subset", DATASETS_HELP, "string")
+    data_dir: str | None = option(None, DATA_DIR_HELP, "string")
+    download: bool = option(False, DOWNLOAD_HELP, "bool")
+    model: str | None = option(
+        None, "Base classifier: stn_mnist, cifar_cnn, small_cnn or app:<keras.applications "
+        "name>. Default: stn_mnist for 28x28 data, cifar_cnn for cifar10, small_cnn for "
+        "digits, app:ResNet50 for imagenet2012.", "string")
+    method: str = option(
+        "stn", "Training method: standard; gaussian (Gaussian augmentation, Cohen et al.); stn "
+        "(stability training with noise, STN Sec. 5.1); consistency (Gaussian augmentation + "
+        "consistency regularization, Jeong & Shin 2020); macer (certified-radius "
+        "maximisation, Zhai et al. 2020); smoothadv (PGD on the smoothed classifier, Salman et "
+        "al. 2019); pgd (Madry PGD adversarial training); trades (TRADES).", "enum",
+        choices=("standard", "gaussian", "stn", "consistency", "macer", "smoothadv", "pgd",
+                 "trades"))
+    sigma: float = option(
+        0.7, "Noise std σ on the [0, 1] pixel scale (gaussian, stn, consistency, macer, "
+        "smoothadv; also the noise of the reported noisy accuracy).", "float", lower_bound=0.0)
+    gamma: float = option(1.0, "Weight γ of the stability loss (stn).", "float",
+                          lower_bound=0.0)
+    stability_target: str = option(
+        "stop_gradient", "Stability loss of stn (see tfcert.StabilityModel): paper (gradient "
+        "through both predictions), stop_gradient (clean prediction as a fixed target), "
+        "stn_code (STN's released code: the clean logits as the target).", "enum",
+        choices=("paper", "stop_gradient", "stn_code"))
+    num_noise_samples: int | None = option(
+        None, "Noise draws m per image (consistency, macer, smoothadv). Default: the paper's, "
+        "2 / 16 / 2.", "integer", lower_bound=1)
+    consistency_lambda: float = option(10.0, "Weight λ of the KL term (consistency).", "float",
+                                       lower_bound=0.0)
+    consistency_eta: float = option(0.5, "Weight η of the entropy term (consistency).", "float",
+                                    lower_bound=0.0)
+    macer_lambda: float = option(12.0, "Weight λ of the robustness term (macer).", "float",
+                                 lower_bound=0.0)
+    macer_gamma: float = option(8.0, "Hinge γ on the radius term (macer).", "float",
+                                lower_bound=0.0)
+    macer_beta: float = option(16.0, "Inverse temperature β of the robustness term (macer).",
+                               "float", lower_bound=0.0)
+    smoothadv_eps: float = option(0.25, "ℓ2 radius ε of the SmoothAdv attack ([0, 1] scale).",
+                                  "float", lower_bound=0.0)
+    warmup_epochs: int = option(
+        10, "Epochs over which the SmoothAdv ε grows linearly to --smoothadv_eps (1 = no "
+        "warm-up).", "integer", lower_bound=1)
+    eps: float = option(0.3, "Attack budget ε for pgd / trades training ([0, 1] scale).",
+                        "float", lower_bound=0.0)
+    norm: str = option("inf", "Norm of the training attack (pgd / trades).", "enum",
+                       choices=("inf", "2"))
+    attack_steps: int = option(10, "PGD steps of the training attack (pgd / trades / "
+                               "smoothadv).", "integer", lower_bound=1)
+    beta: float = option(6.0, "TRADES weight β of KL(f(x) || f(x_adv)).", "float",
+                         lower_bound=0.0)
+    epochs: int = option(10, "Training epochs (the most, with --patience).", "integer",
+                         lower_bound=1)
+    validation_split: float = option(
+        0.0, "Fraction of the training split held out (stratified, fixed by --seed) for "
+        "validation and --patience; 0 validates on the test split, for monitoring only.",
+        "float", lower_bound=0.0, upper_bound=0.5)
+    patience: int = option(
+        0, "Stop when the validation accuracy under one fixed draw of N(0, σ²) noise "
+        "(val_noisy_accuracy) has not improved for this many epochs, and keep the best "
+        "epoch's weights; 0 trains all --epochs. Needs --validation_split > 0.", "integer",
+        lower_bound=0)
+    batch_size: int = option(128, "Training batch size (global: split over the replicas of "
+                             "--strategy).", "integer", lower_bound=1)
+    strategy: str = option(
+        "default", "tf.distribute strategy: default (one device), mirrored (every GPU of this "
+        "machine); multi_worker is refused: Keras 3's fit does not support it.", "enum",
+        choices=("default", "mirrored", "multi_worker"))
+    mixed_precision: str = option(
+        "float32", "Keras dtype policy while training (mixed_float16: GPUs with tensor cores, "
+        "loss scaling added; mixed_bfloat16: TPUs and recent CPUs/GPUs). The saved model.keras "
+        "always computes in float32.", "enum",
+        choices=("float32", "mixed_float16", "mixed_bfloat16"))
+    learning_rate: float = option(1e-3, "Adam learning rate (STN code: 1e-3).", "float",
+                                  lower_bound=0.0)
+    seed: int = option(0, "Random seed (weights, shuffling, training noise).", "integer")
+    output_dir: str = option("runs/train", "Where to write the model, config and logs.",
+                             "string")
+    verbose: str = option(
+        "auto", "Keras fit verbosity (auto: progress bar on a terminal, a line per epoch "
+        "otherwise).", "enum", choices=("auto", "0", "1", "2"))
+    tensorboard_dir: str | None = option(
+        None, "Also write Keras TensorBoard logs (losses and metrics per epoch) to this "
+        "folder (off by default).", "string")
+
+    def _check(self) -> None:
+        from tfcert import data
+
+        require = cli.require
+        require(self.strategy != "multi_worker",
+                "--strategy=multi_worker: Keras 3's model.fit does not run under "
+                "MultiWorkerMirroredStrategy (keras-team/keras#20585, open); train with "
+                "--strategy=mirrored on one machine's GPUs")
+        require(self.dataset in data.DATASETS, f"unknown --dataset={self.dataset}; choose one "
+                f"of {', '.join(data.DATASETS)}")
+        require(self.method in ("standard", "pgd", "trades") or self.sigma > 0,
+                f"--method={self.method} needs --sigma > 0")
+        require(self.patience == 0 or self.validation_split > 0,
+                "--patience needs --validation_split > 0: early stopping on the test split "
+                "would select the model on the data it is evaluated on")
