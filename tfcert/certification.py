@@ -415,10 +415,9 @@ def summarize_l2(rows, o, output_dir: str) -> None:
               + (", accuracy × (1 − α) (STN convention)" if factor != 1.0 else ""))
     print(f"{header}\ncertified accuracy (% of examples correct with radius ≥ r):\n{text}")
     results.write_atomic(os.path.join(output_dir, "summary.txt"), f"{header}\n{text}\n")
-    lines = ["radius\t" + "\t".join(o.bounds) + "\n"] + [
-        f"{r:.6g}\t" + "\t".join(f"{curves[b][i]:.6g}" for b in o.bounds) + "\n"
-        for i, r in enumerate(table_grid)]
-    results.write_atomic(os.path.join(output_dir, "certified_accuracy.tsv"), "".join(lines))
+    results.write_tsv(os.path.join(output_dir, "certified_accuracy.tsv"), ["radius", *o.bounds],
+                      [{"radius": float(r), **{b: float(curves[b][i]) for b in o.bounds}}
+                       for i, r in enumerate(table_grid)])
     plot_grid = radius_grid(max_radius, 200)
     plot_atomic(plot_grid, curves_of(rows, o.bounds, plot_grid, factor),
                 os.path.join(output_dir, "certified_accuracy.png"),

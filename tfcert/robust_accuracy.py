@@ -348,9 +348,10 @@ def summarize(o, rows, indices, grid) -> None:
     text = format_table(grid, {name: accuracy}, header="ε")
     print(f"{header}\nrobust accuracy:\n{text}")
     results.write_atomic(os.path.join(o.output_dir, "summary.txt"), f"{header}\n{text}\n")
-    results.write_atomic(os.path.join(o.output_dir, "robust_accuracy.tsv"),
-                         "eps\trobust_accuracy\n"
-                         + "".join(f"{e:g}\t{a:.6g}\n" for e, a in zip(grid, accuracy)))
+    results.write_tsv(os.path.join(o.output_dir, "robust_accuracy.tsv"),
+                      ["eps", "robust_accuracy"],
+                      [{"eps": float(e), "robust_accuracy": float(a)}
+                       for e, a in zip(grid, accuracy)])
     plot_curves(grid, {name: accuracy}, os.path.join(o.output_dir, "robust_accuracy.png"),
                 xlabel=xlabel, ylabel="robust accuracy", title=header.split(";")[0])
     print(f"wrote {o.output_dir}/attack.tsv, robust_accuracy.tsv, robust_accuracy.png")

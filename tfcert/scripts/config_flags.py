@@ -36,7 +36,11 @@ def define_flags(config_class: type[Config]) -> None:
 
 
 def config_from_flags(config_class: type[Config]) -> Config:
-    """The config of the parsed flags (checked by the config: a bad combination is a
-    `tfcert.cli.CliError`, the script's one-line error)."""
+    """The config of the parsed flags, checked by the config (a bad combination is a
+    `tfcert.cli.CliError`, the script's one-line error).
+
+    Args:
+        config_class: the class whose flags `define_flags` defined.
+    """
     values = flags.FLAGS
     return config_class(**{f.name: values[f.name].value for f in dataclasses.fields(config_class)})
