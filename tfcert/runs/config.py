@@ -451,3 +451,15 @@ class TrainConfig(_Config):
         require(self.patience == 0 or self.validation_split > 0,
                 "--patience needs --validation_split > 0: early stopping on the test split "
                 "would select the model on the data it is evaluated on")
+
+
+def _document(config_class: type[_Config]) -> None:
+    """Appends the options (each flag's help, its default) to the class's docstring."""
+    lines = [f"        {f.name}: {f.metadata['help']} Default: {f.default!r}."
+             for f in dataclasses.fields(config_class)]
+    config_class.__doc__ = f"{config_class.__doc__}\n\n    Attributes:\n" + "\n".join(lines)
+
+
+_document(CertifyConfig)
+_document(AttackConfig)
+_document(TrainConfig)
