@@ -5,8 +5,10 @@ import dataclasses
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -133,6 +135,38 @@ def test_a_run_started_with_the_script_is_resumed_from_python_and_back(digits_mo
         capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr
     assert results.read_tsv(str(out / "certify.tsv")) == rows
+
+
+@pytest.mark.slow
+def test_a_python_run_killed_mid_run_is_finished_by_the_script(digits_model, tmp_path):
+    """A notebook's run (only tfcert.runs) killed with SIGKILL, then resumed by the command
+    with the same settings: the rows of an uninterrupted run, the killed run's kept."""
+    out = tmp_path / "run"
+    code = (f"from tfcert import runs\nruns.certify(runs.CertifyConfig(model={digits_model!r}, "
+            f"dataset='digits', sigma=0.25, num_examples=20, num_samples=2000, "
+            f"images_per_step=2, output_dir={str(out)!r}))\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    tsv = out / "certify.tsv"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not tsv.exists() or len(tsv.read_text().splitlines()) < 5):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = results.read_tsv(str(tsv))
+    assert 4 <= len(partial) < 20
+
+    script = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "certify.py"), f"--model={digits_model}",
+         "--dataset=digits", "--sigma=0.25", "--num_examples=20", "--num_samples=2000",
+         "--images_per_step=2", f"--output_dir={out}"],
+        capture_output=True, text=True, timeout=600)
+    assert script.returncode == 0, script.stderr
+    rows = results.read_tsv(str(tsv))
+    assert rows[:len(partial)] == partial
+    whole = runs.certify(certify_config(digits_model, tmp_path / "whole", num_examples=20,
+                                        num_samples=2000, bounds=("renyi", "cohen")))
+    assert without_seconds(rows) == without_seconds(whole)
 
 
 @pytest.mark.slow
