@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from conftest import ROOT
@@ -66,6 +67,16 @@ def test_one_eps_grid_sorted_each_once():
     assert cli.eps_grid([2.0, 0.5], "2") == [0.5, 2.0]
     with pytest.raises(cli.CliError, match="has values > 1"):
         cli.eps_grid(["2"], "inf")
+
+
+def test_a_selection_subset_keeps_the_order_asked_and_refuses_other_indices():
+    selection = cli.Selection(np.array([3, 5, 7]), np.arange(3.0).reshape(3, 1, 1, 1),
+                              np.array([0, 1, 2]), None)
+    step = selection.subset((7, 3))
+    assert step.indices.tolist() == [7, 3] and step.labels.tolist() == [2, 0]
+    assert step.images[:, 0, 0, 0].tolist() == [2.0, 0.0]
+    with pytest.raises(cli.CliError, match="index 4 is not in the data selection"):
+        selection.subset((3, 4))
 
 
 def certify_config(model, out, **changes):

@@ -102,6 +102,22 @@ class Selection(NamedTuple):
     labels: Any  # int array [n]
     meta: Any  # tfcert.data.DatasetInfo
 
+    def subset(self, indices: Sequence[int]) -> "Selection":
+        """The examples of ``indices`` (indices in the split), in that order.
+
+        Args:
+            indices: indices of selected examples (e.g. a step of a run).
+
+        Raises:
+            CliError: an index is not selected here (a worker given other data options).
+        """
+        position = {int(index): p for p, index in enumerate(self.indices)}
+        unknown = [i for i in indices if int(i) not in position]
+        require(not unknown, f"index {unknown[0] if unknown else ''} is not in the data "
+                "selection of this process: give it the driver's data options")
+        p = [position[int(i)] for i in indices]
+        return Selection(self.indices[p], self.images[p], self.labels[p], self.meta)
+
 
 def select_examples(options: Any, shard: bool = True) -> Selection:
     """The examples the data options choose.

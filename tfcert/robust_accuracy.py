@@ -161,8 +161,7 @@ class Attacker:
     """
 
     def __init__(self, o, examples: cli.Selection, base, source):
-        self.o, self.images, self.labels = o, examples.images, examples.labels
-        self.position = {int(index): p for p, index in enumerate(examples.indices)}
+        self.o, self.examples = o, examples
         self.defense = build_defense(o, base, examples.meta.num_classes)
         self.attack = make_attack(o, self.defense, source)
 
@@ -171,12 +170,9 @@ class Attacker:
         import numpy as np
 
         o = self.o
-        unknown = [i for i in step if i not in self.position]
-        cli.require(not unknown, f"index {unknown[0] if unknown else ''} is not in the data "
-                    "selection of this process: give it the driver's data options")
+        examples = self.examples.subset(step)
         began = time.time()
-        p = [self.position[i] for i in step]
-        x, y, ids = self.images[p], self.labels[p], np.asarray(step, np.int64)
+        x, y, ids = examples.images, examples.labels, np.asarray(step, np.int64)
         eps = None if o.attack in MINIMUM_NORM else eps_values[0]
         x_adv = np.asarray(self.attack(x, y, eps_values[0],
                                        purpose_keys(o.seed, ATTACK, eps, ids)))
