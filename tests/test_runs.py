@@ -42,6 +42,7 @@ def without_seconds(rows):
     (lambda: runs.TrainConfig(dataset="nope"), "unknown --dataset=nope"),
     (lambda: runs.TrainConfig(validation_split=0.9), "--validation_split must be <= 0.5"),
     (lambda: runs.TrainConfig(epochs="3"), "--epochs must be an integer, got '3'"),
+    (lambda: runs.CertifyConfig(model="m", sigma=0.5, alpha=None), "--alpha must be set"),
 ])
 def test_a_config_refuses_bad_options_with_the_scripts_message(make, message):
     with pytest.raises(ValueError, match="^" + message.replace("(", r"\(").replace(")", r"\)")):

@@ -64,6 +64,7 @@ def _checked(field: dataclasses.Field, value: Any) -> Any:
     meta, name = field.metadata, f"--{field.name}"
     kind = meta["kind"]
     if value is None:
+        cli.require(field.default is None, f"{name} must be set, got None")
         return value
     if kind == "list":
         items = value.split(",") if isinstance(value, str) else value
