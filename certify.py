@@ -1,7 +1,7 @@
 """Certifies a trained classifier: ``python certify.py --helpfull`` (same as ``tfcert-certify``).
 
-The flags and the program live in :mod:`tfcert.scripts.certify`, the run logic in
-:mod:`tfcert.certification`.
+The flags live in :mod:`tfcert.scripts.certify`, the run in :func:`tfcert.runs.certify`
+(its work in :mod:`tfcert.certification`).
 """
 
 from tfcert.scripts.certify import main

@@ -1,6 +1,6 @@
 """Trains a base classifier: ``python train.py --helpfull`` (same as ``tfcert-train``).
 
-The flags and the program live in :mod:`tfcert.scripts.train`.
+The flags live in :mod:`tfcert.scripts.train`, the run in :func:`tfcert.runs.train`.
 """
 
 from tfcert.scripts.train import main

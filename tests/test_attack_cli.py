@@ -123,7 +123,7 @@ def test_non_finite_or_negative_eps_is_refused(attack, norm, eps):
     """Issue 25 (in-process: the check `run` makes before any output)."""
     options = SimpleNamespace(eps=eps.split(","), attack=attack, transfer_norm=norm)
     with pytest.raises(cli.CliError, match=f"finite budgets >= 0 .*, got {eps}$"):
-        robust_accuracy.eps_grid(options)
+        cli.eps_grid(options.eps, robust_accuracy.attack_norm(options))
 
 
 @pytest.mark.parametrize("changed, shown", [("--split=train", "--split (test -> train)"),

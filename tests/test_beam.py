@@ -164,17 +164,17 @@ def test_without_beam_a_one_line_error(digits_model, tmp_path, script):
 
 
 def test_rows_are_gathered_once_per_index_and_written_sorted(tmp_path, beam_installed):
-    from tfcert import beam_pipeline
+    from tfcert import beam_pipeline, certification
 
     columns = ["index", "label", "seconds"]
     parts = tmp_path / "parts"
     parts.mkdir()
-    task = beam_pipeline.CertifyTask(argparse.Namespace(model="m", model_sha256="0"), columns,
+    task = certification.CertifyTask(argparse.Namespace(model="m", model_sha256="0"), columns,
                                      images_per_step=2)
 
     def write(step, rows):
         path = beam_pipeline.part_path(str(parts), task.label(step), task.size(step))
-        beam_pipeline.write_part(path, columns, task.key, rows)
+        beam_pipeline.write_part(path, columns, rows)
 
     write((5, 6), [{"index": 5, "label": 1, "seconds": 0.5},
                    {"index": 6, "label": 2, "seconds": 0.5}])

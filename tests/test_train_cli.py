@@ -122,7 +122,7 @@ def test_patience_stops_on_validation_accuracy_under_noise_and_keeps_the_best_ep
     from sklearn.model_selection import train_test_split
 
     from tfcert import data
-    from tfcert.scripts import train
+    from tfcert.runs import trainer as train
 
     out = tmp_path / "run"
     # A learning rate this high makes digits' validation accuracy peak within a few epochs.

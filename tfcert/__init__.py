@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 
 _SUBMODULES = ("adversarial_training", "analysis", "attacks", "bounds", "certificate",
                "certification", "cli", "confidence_sequences", "data", "denoising", "devices",
-               "export", "keys", "kl", "layers", "models", "results", "robust_accuracy",
+               "export", "keys", "kl", "layers", "models", "results", "robust_accuracy", "runs",
                "scripts", "sequential", "smoothing", "stats", "training")
 _NAMES = {
     "SmoothedClassifier": "smoothing", "Certificate": "certificate",

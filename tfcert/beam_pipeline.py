@@ -1,13 +1,14 @@
 """Certification and attack sweeps on Apache Beam (``--engine=beam``, docs/SCALING.md).
 
-``certify.py --engine=beam`` and ``tfcert-attack --engine=beam`` run the same engine
-(`run_steps`) over a *task* (`StepTask`: `CertifyTask` here,
-`tfcert.robust_accuracy.AttackTask`).  The driver (the script's process) does what the
-local engine does before and after the work: it selects the examples with the same data
-loaders and options (`tfcert.cli.select_examples`), checks the models, prepares and
-locks the run directory (``config.json``), and at the end writes the TSV
-(``certify.tsv``, ``attack.tsv``) and the summary, table and plot.  In between it runs a
-pipeline
+``certify.py --engine=beam`` and ``tfcert-attack --engine=beam`` (``engine="beam"`` of
+`tfcert.runs.certify` / `tfcert.runs.attack`) compute a run's rows with this engine
+(`run_steps`) over a *task* (`tfcert.runs.steps.StepTask`:
+`tfcert.certification.CertifyTask`, `tfcert.robust_accuracy.AttackTask`).  The driver
+(`tfcert.runs.driver`, in the caller's process) does what it does for the local engine
+before and after the work: it selects the examples (`tfcert.cli.select_examples`), checks
+the models, prepares and locks the run directory (``config.json``), and at the end the
+summary, table and plot; this engine writes the TSV (``certify.tsv``, ``attack.tsv``)
+whole.  In between it runs a pipeline
 
     Create(steps) | Reshuffle | ParDo(StepFn)
 
@@ -53,7 +54,6 @@ import argparse
 import contextlib
 import csv
 import io
-import json
 import os
 import shlex
 import shutil
@@ -62,9 +62,10 @@ import sys
 import tempfile
 import threading
 import uuid
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Sequence
 
-from tfcert import certification, cli, results
+from tfcert import cli, results
+from tfcert.runs.steps import StepTask
 
 try:
     import apache_beam as beam
@@ -106,70 +107,6 @@ class TfcertBeamOptions(PipelineOptions):
             "--tfcert_work_dir", default=None,
             help="Where the driver stages the model and the workers write the part files, "
                  "on any Beam file system (default: <output_dir>/beam_parts).")
-
-
-class StepTask(Protocol):
-    """What `run_steps` runs: steps of work, each a few examples, computed by workers.
-
-    A task is pickled to the workers, so it holds only options and small lists; `setup`
-    loads the rest on the worker.
-    """
-
-    columns: list[str]  # the TSV's columns
-    key: str  # the column that identifies a row
-    unit: str  # what the progress bar counts
-    models: dict[str, tuple[str, str]]  # name -> (driver's model file, its SHA-256)
-
-    def steps(self, todo: list[str]) -> list[Any]:
-        """Steps (picklable, hashable) that compute the rows of keys ``todo`` (others too)."""
-
-    def label(self, step) -> str:
-        """The part-file label of a step: a function of the step's contents only."""
-
-    def size(self, step) -> int:
-        """The rows of a step."""
-
-    def example_indices(self, step) -> Sequence[int]:
-        """The examples' indices in a step."""
-
-    def order(self, key: str) -> Any:
-        """The sort key of a row key in the final TSV."""
-
-    def setup(self, models: dict[str, str]) -> None:
-        """On a worker, once: loads the data and the models (name -> local file)."""
-
-    def run(self, step) -> list[dict[str, Any]]:
-        """The rows of a step."""
-
-
-def certify_dataset(options, config: dict[str, Any], defaults: dict[str, Any]) -> None:
-    """Certifies the selected examples that have no row yet on a Beam pipeline.
-
-    Args:
-        options: the run's options (attributes), ``beam_options`` among them.
-        config: every option by name (written to ``config.json``).
-        defaults: option defaults (for settings an older ``config.json`` lacks).
-    """
-    pipeline_options = parse_pipeline_options(options.beam_options)
-    certifier = certification.make_certifier(options)
-    indices, _, _, meta = cli.select_examples(options)
-    cli.check_model_fits(cli.load_model(options.model), meta, options.model, options.dataset)
-    config = {**config, "model_sha256": cli.file_sha256(options.model)}
-    lock = results.lock_run_dir(options.output_dir)
-    results.prepare_run_dir(options.output_dir, config, certification.OPERATIONAL, defaults,
-                            certification.TSV)
-    task = CertifyTask(worker_options(config), certification.table_columns(certifier),
-                       options.images_per_step)
-    table = results.ResultTable(os.path.join(options.output_dir, certification.TSV),
-                                task.columns, task.key)  # checks the header, drops a torn line
-    results.write_atomic(os.path.join(options.output_dir, certification.SELECTION_FILE),
-                         json.dumps({"indices": [int(i) for i in indices]}) + "\n")
-    wanted = [str(i) for i in indices]
-    rows = run_steps(task, pipeline_options, options.output_dir, table, wanted,
-                     lambda: results.remove_files(options.output_dir,
-                                                  certification.SUMMARY_FILES))
-    certifier.summarize([rows[i] for i in wanted], options.output_dir)
-    lock.close()
 
 
 def run_steps(task: StepTask, pipeline_options: PipelineOptions, output_dir: str,
@@ -357,14 +294,11 @@ def part_paths(work_dir: str) -> list[str]:
     return sorted(m.path for m in matched.metadata_list)
 
 
-def write_part(path: str, columns: Sequence[str], key: str,
-               rows: Sequence[dict[str, Any]]) -> None:
-    """Writes a step's rows (identified by column ``key``) to ``path`` atomically (complete
-    or absent); on a local disk durably too (synced before and after the rename)."""
+def write_part(path: str, columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> None:
+    """Writes a step's rows to ``path`` atomically (complete or absent); on a local disk
+    durably too (synced before and after the rename)."""
     if is_local(path):
-        partial = f"{path}.{uuid.uuid4().hex}.partial"  # one per attempt: never shared
-        results.ResultTable(partial, columns, key).append(rows)
-        os.replace(partial, path)
+        results.write_tsv(path, columns, rows)
         directory = os.open(os.path.dirname(path), os.O_RDONLY)
         try:
             os.fsync(directory)  # the rename itself survives a crash of the host
@@ -373,7 +307,7 @@ def write_part(path: str, columns: Sequence[str], key: str,
     else:
         with tempfile.TemporaryDirectory() as scratch:
             local = os.path.join(scratch, os.path.basename(path))
-            results.ResultTable(local, columns, key).append(rows)
+            results.write_tsv(local, columns, rows)
             put(local, path)
 
 
@@ -418,57 +352,6 @@ def write_table(path: str, columns: Sequence[str], rows: dict[str, dict[str, str
         "\t".join(row[c] for c in columns) + "\n" for row in ordered))
 
 
-class CertifyTask:
-    """Certification as a `StepTask`: steps of ``images_per_step`` indices, certified with
-    `tfcert.certification.certify_step` (rows keyed by index).
-
-    Args:
-        options: the run's options (a namespace with every option and ``model_sha256``).
-        columns: the TSV columns.
-        images_per_step: examples per step.
-    """
-
-    key, unit = "index", "certified"
-
-    def __init__(self, options: argparse.Namespace, columns: Sequence[str],
-                 images_per_step: int):
-        self.options, self.columns, self.images_per_step = options, list(columns), images_per_step
-        self.models = {"model": (options.model, options.model_sha256)}
-
-    def steps(self, todo: list[str]) -> list[tuple[int, ...]]:
-        return [tuple(int(i) for i in todo[s:s + self.images_per_step])
-                for s in range(0, len(todo), self.images_per_step)]
-
-    def label(self, step: tuple[int, ...]) -> str:
-        # the first index names the step: it has no row yet, so no earlier part has it
-        return f"{step[0]:010d}"
-
-    def size(self, step: tuple[int, ...]) -> int:
-        return len(step)
-
-    def example_indices(self, step: tuple[int, ...]) -> tuple[int, ...]:
-        return step
-
-    def order(self, key: str) -> int:
-        return int(key)
-
-    def setup(self, models: dict[str, str]) -> None:
-        o = self.options
-        self.indices, self.images, self.labels, meta = cli.select_examples(o)
-        self.position = {int(index): p for p, index in enumerate(self.indices)}
-        self.certifier = certification.make_certifier(o)
-        self.certifier.setup(cli.load_model(models["model"]), meta.num_classes)
-
-    def run(self, step: tuple[int, ...]) -> list[dict[str, Any]]:
-        unknown = [i for i in step if i not in self.position]
-        if unknown:
-            raise RuntimeError(f"this worker's data selection lacks index {unknown[0]}: "
-                               "give every worker the driver's data")
-        p = [self.position[i] for i in step]
-        return certification.certify_step(self.certifier, self.images[p], self.labels[p],
-                                          self.indices[p])
-
-
 class StepFn(beam.DoFn):
     """Computes steps of a task; each worker sets the task up (data, models) once.
 
@@ -487,14 +370,15 @@ class StepFn(beam.DoFn):
     def setup(self) -> None:
         set_intra_op_threads(self.intra_op_threads)
         self.scratch = tempfile.mkdtemp(prefix="tfcert-beam-")
-        local = {}
+        models = {}
         for name, staged in self.models.items():
-            local[name] = fetch(staged, self.scratch)
-            sha256, expected = cli.file_sha256(local[name]), self.task.models[name][1]
+            local = fetch(staged, self.scratch)
+            sha256, expected = cli.file_sha256(local), self.task.models[name][1]
             if sha256 != expected:
                 raise RuntimeError(f"{staged} is not the driver's model (SHA-256 {sha256} != "
                                    f"{expected}): delete it and rerun")
-        self.task.setup(local)
+            models[name] = cli.load_model(local)
+        self.task.setup(models, self.task.select())
 
     def teardown(self) -> None:
         shutil.rmtree(self.scratch, ignore_errors=True)
@@ -503,7 +387,7 @@ class StepFn(beam.DoFn):
         task = self.task
         path = part_path(self.work_dir, task.label(step), task.size(step))
         if not FileSystems.exists(path):  # else a retried bundle: the step's rows are durable
-            write_part(path, task.columns, task.key, task.run(step))
+            write_part(path, task.columns, task.run(step))
             inject_failure_once(task.example_indices(step), self.work_dir)
         yield task.size(step)
 

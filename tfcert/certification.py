@@ -1,4 +1,4 @@
-"""Certification runs over a dataset: resumable, shardable, mergeable (the engine of certify.py).
+"""Certification runs over a dataset: resumable, shardable, mergeable (`tfcert.runs.certify`).
 
 A run certifies the examples that the data options select and streams one row
 per example to ``<output_dir>/certify.tsv``; at the end it writes the certified-accuracy
@@ -21,8 +21,9 @@ What makes a finished run trustworthy:
   recomputed, stale summaries are removed before new work, and a lock keeps two
   processes out of one run directory.
 
-Options are attributes of ``options`` (``absl.flags.FLAGS`` in certify.py, or any
-namespace with the same names).
+The work of a run is a `CertifyTask` (`tfcert.runs.steps.StepTask`), computed by the local
+or the Beam engine (`tfcert.runs.driver`).  Options are attributes of ``options`` (a
+`tfcert.runs.CertifyConfig`, or a namespace of a run's ``config.json``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import argparse
 import json
 import os
 import time
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -48,46 +49,22 @@ OPERATIONAL = frozenset({
     "engine", "beam_options"})
 
 
-def certify_dataset(options, config: dict[str, Any], defaults: dict[str, Any]) -> None:
-    """Certifies the selected examples not yet in the run's TSV, a step at a time.
-
-    Args:
-        options: the run's options (attributes).
-        config: every option by name (written to ``config.json``).
-        defaults: option defaults (for settings an older ``config.json`` lacks).
-    """
-    certifier = make_certifier(options)
-    indices, images, labels, meta = cli.select_examples(options)
-    model = cli.load_model(options.model)
-    cli.check_model_fits(model, meta, options.model, options.dataset)
-    config = {**config, "model_sha256": cli.file_sha256(options.model)}
-    lock = results.lock_run_dir(options.output_dir)
-    results.prepare_run_dir(options.output_dir, config, OPERATIONAL, defaults, TSV)
-    table = results.ResultTable(os.path.join(options.output_dir, TSV), table_columns(certifier),
-                                "index")
-    results.write_atomic(os.path.join(options.output_dir, SELECTION_FILE),
-                         json.dumps({"indices": [int(i) for i in indices]}) + "\n")
-    todo = [i for i, index in enumerate(indices) if str(index) not in table.done]
-    if todo:
-        results.remove_files(options.output_dir, SUMMARY_FILES)
-        certifier.setup(model, meta.num_classes)
-    progress = cli.Progress(len(indices), "certified", len(indices) - len(todo))
-    for start in range(0, len(todo), options.images_per_step):
-        step = todo[start:start + options.images_per_step]
-        table.append(certify_step(certifier, images[step], labels[step], indices[step]))
-        progress.update(progress.done + len(step))
-    wanted = {str(i) for i in indices}
-    certifier.summarize([r for r in table.rows if r["index"] in wanted], options.output_dir)
-    lock.close()
-
-
-def merge_runs(run_dirs: Sequence[str], output_dir: str, options_override=None) -> None:
+def merge_runs(run_dirs: Sequence[str], output_dir: str,
+               options_override: Mapping[str, Any] | None = None) -> list[dict[str, str]]:
     """Joins the shard runs ``run_dirs`` into one run in ``output_dir``.
 
     Checks that the shards' configurations agree except for the shard index, that
     their shard indices are 0 … N − 1 once each, and that every shard has all the rows
     of its selection; then writes ``certify.tsv`` sorted by index (the rows of a single
     run), its ``config.json`` and the summary, table and plot.
+
+    Args:
+        run_dirs: the shards' run directories.
+        output_dir: the merged run's directory.
+        options_override: display options (e.g. ``grid_points``) that replace the shards'.
+
+    Returns:
+        The merged rows, sorted by index.
     """
     require = cli.require
     require(len(run_dirs) >= 1, "--merge needs the shard run directories, e.g. --merge=D1,D2")
@@ -124,17 +101,20 @@ def merge_runs(run_dirs: Sequence[str], output_dir: str, options_override=None) 
         columns = columns or list(next(iter(shard_rows.values())))
     merged = {**first, "num_shards": 1, "shard_index": 0, "merge": list(run_dirs),
               "output_dir": output_dir}
-    lock = results.lock_run_dir(output_dir)
-    results.prepare_run_dir(output_dir, merged, OPERATIONAL)  # refuses another run's folder
     ordered = [rows[i] for i in sorted(rows, key=int)]
-    text = "\t".join(columns) + "\n" + "".join("\t".join(r[c] for c in columns) + "\n"
-                                               for r in ordered)
-    results.write_atomic(os.path.join(output_dir, TSV), text)
+    with results.locked_run_dir(output_dir):
+        results.prepare_run_dir(output_dir, merged, OPERATIONAL)  # refuses another run's folder
+        results.write_tsv(os.path.join(output_dir, TSV), columns, ordered)
+        write_selection(output_dir, [int(r["index"]) for r in ordered])
+        options = argparse.Namespace(**{**merged, **(options_override or {})})
+        make_certifier(options).summarize(ordered, output_dir)
+    return ordered
+
+
+def write_selection(output_dir: str, indices: Iterable[int]) -> None:
+    """Writes ``selection.json``: the indices of the examples a run (or shard) wants."""
     results.write_atomic(os.path.join(output_dir, SELECTION_FILE),
-                         json.dumps({"indices": [int(r["index"]) for r in ordered]}) + "\n")
-    options = argparse.Namespace(**{**merged, **(options_override or {})})
-    make_certifier(options).summarize(ordered, output_dir)
-    lock.close()
+                         json.dumps({"indices": [int(i) for i in indices]}) + "\n")
 
 
 def table_columns(certifier) -> list[str]:
@@ -156,6 +136,52 @@ def certify_step(certifier, images: np.ndarray, labels: np.ndarray,
 def make_certifier(options):
     """The certifier of ``options.defense``: ℓ2 radii for gaussian, KL otherwise."""
     return L2Certifier(options) if options.defense == "gaussian" else KLCertifier(options)
+
+
+class CertifyTask:
+    """Certification as a `tfcert.runs.steps.StepTask`: steps of ``images_per_step``
+    indices, certified with `certify_step` (rows keyed by index).
+
+    Args:
+        options: the run's options (a namespace with every option and ``model_sha256``).
+        columns: the TSV columns (`table_columns`).
+        images_per_step: examples per step.
+    """
+
+    key, unit = "index", "certified"
+
+    def __init__(self, options: Any, columns: Sequence[str], images_per_step: int):
+        self.options, self.columns, self.images_per_step = options, list(columns), images_per_step
+        self.models = {"model": (options.model, options.model_sha256)}
+
+    def steps(self, todo: list[str]) -> list[tuple[int, ...]]:
+        return [tuple(int(i) for i in todo[s:s + self.images_per_step])
+                for s in range(0, len(todo), self.images_per_step)]
+
+    def label(self, step: tuple[int, ...]) -> str:
+        # the first index names the step: it has no row yet, so no earlier part has it
+        return f"{step[0]:010d}"
+
+    def size(self, step: tuple[int, ...]) -> int:
+        return len(step)
+
+    def example_indices(self, step: tuple[int, ...]) -> tuple[int, ...]:
+        return step
+
+    def order(self, key: str) -> int:
+        return int(key)
+
+    def select(self) -> cli.Selection:
+        return cli.select_examples(self.options)
+
+    def setup(self, models: Mapping[str, Any], examples: cli.Selection) -> None:
+        self.examples = examples
+        self.certifier = make_certifier(self.options)
+        self.certifier.setup(models["model"], examples.meta.num_classes)
+
+    def run(self, step: tuple[int, ...]) -> list[dict[str, Any]]:
+        e = self.examples.subset(step)
+        return certify_step(self.certifier, e.images, e.labels, e.indices)
 
 
 class L2Certifier:
@@ -232,17 +258,6 @@ class L2Certifier:
                   f"{o.num_samples}){caveat}")
 
 
-def eps_grid(options) -> list[float]:
-    """``options.eps`` as floats, checked to be ℓ∞ budgets in (0, 1]."""
-    try:
-        grid = [float(e) for e in options.eps or []]
-    except ValueError:
-        grid = []
-    cli.require(bool(grid) and all(0 < e <= 1 for e in grid),
-                f"--eps must be a comma list of ℓ∞ budgets in (0, 1], got {options.eps}")
-    return grid
-
-
 class KLCertifier:
     """ℓ∞ KL certificates of randomized discretization (Zhang & Liang Props. 1–2).
 
@@ -258,7 +273,7 @@ class KLCertifier:
 
     def __init__(self, options):
         self.o = options
-        self.eps = eps_grid(options)
+        self.eps = cli.eps_grid(options.eps, "inf")
 
     @property
     def columns(self) -> list[str]:
@@ -394,10 +409,9 @@ def summarize_l2(rows, o, output_dir: str) -> None:
               + (", accuracy × (1 − α) (STN convention)" if factor != 1.0 else ""))
     print(f"{header}\ncertified accuracy (% of examples correct with radius ≥ r):\n{text}")
     results.write_atomic(os.path.join(output_dir, "summary.txt"), f"{header}\n{text}\n")
-    lines = ["radius\t" + "\t".join(o.bounds) + "\n"] + [
-        f"{r:.6g}\t" + "\t".join(f"{curves[b][i]:.6g}" for b in o.bounds) + "\n"
-        for i, r in enumerate(table_grid)]
-    results.write_atomic(os.path.join(output_dir, "certified_accuracy.tsv"), "".join(lines))
+    results.write_tsv(os.path.join(output_dir, "certified_accuracy.tsv"), ["radius", *o.bounds],
+                      [{"radius": float(r), **{b: float(curves[b][i]) for b in o.bounds}}
+                       for i, r in enumerate(table_grid)])
     plot_grid = radius_grid(max_radius, 200)
     plot_atomic(plot_grid, curves_of(rows, o.bounds, plot_grid, factor),
                 os.path.join(output_dir, "certified_accuracy.png"),

@@ -1,19 +1,23 @@
-"""Shared plumbing of tfcert's absl entry points: quiet TF logs, one-line errors, model loading.
+"""Plumbing of tfcert's runs and entry points: one-line errors, example selection, model
+loading, progress, quiet TensorFlow start-up.
 
 Every script runs ``tfcert.cli.run(main)``: an expected failure (bad flag value, missing
 data, unreadable model, mismatched run directory, NaN) prints one ``error: ...`` line
 that says what to do and exits with status 1; so does a flag absl cannot parse (unknown
-flag, value out of its bounds).
+flag, value out of its bounds).  The run API (`tfcert.runs`) raises the same errors
+(`CliError` is a ValueError).  Only `run`, `parse_flags`, `script_flags` and
+`flag_defaults` touch absl's flags, and only when a script calls them.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
 import tempfile
 import zipfile
-from typing import Callable
+from typing import Any, Callable, NamedTuple, Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -30,8 +34,8 @@ STARTUP_NOISE = re.compile(
               "cuda_dnn|cuda_fft|cuda_blas", "Attempting to register factory"]))
 
 
-class CliError(Exception):
-    """An error the user can fix; its message is printed on one line."""
+class CliError(ValueError):
+    """An error the user can fix (a bad option or input); its message is printed on one line."""
 
 
 def expected_errors() -> tuple[type[BaseException], ...]:
@@ -89,56 +93,44 @@ def import_tensorflow_quietly() -> None:
                 print(line, file=sys.stderr)
 
 
-def define_data_flags(verb: str) -> None:
-    """Defines the dataset / example-selection flags shared by the evaluation scripts."""
-    from absl import flags
+class Selection(NamedTuple):
+    """The examples of a run: their indices in the split, images, labels, and the dataset's
+    `tfcert.data.DatasetInfo`."""
 
-    flags.DEFINE_string("dataset", "mnist_subset", "Dataset (see tfcert.data): mnist_subset, "
-                        "fashion_mnist, digits, mnist, cifar10, imagenet2012.")
-    flags.DEFINE_enum("split", "test", ["train", "test"], "Dataset split.")
-    flags.DEFINE_string("data_dir", None,
-                        "Folder with prepared tfds data or the Fashion-MNIST IDX files.")
-    flags.DEFINE_bool("download", False,
-                      "Let tensorflow-datasets download the data (needs internet).")
-    flags.DEFINE_integer("num_examples", 500, f"How many examples to {verb}.", lower_bound=1)
-    flags.DEFINE_integer("skip", 0, "Skip this many examples of the split first.", lower_bound=0)
-    flags.DEFINE_integer("stride", 1, f"{verb.capitalize()} every stride-th example after --skip.",
-                         lower_bound=1)
+    indices: Any  # int array [n]
+    images: Any  # float32 array [n, height, width, channels]
+    labels: Any  # int array [n]
+    meta: Any  # tfcert.data.DatasetInfo
 
+    def subset(self, indices: Sequence[int]) -> "Selection":
+        """The examples of ``indices`` (indices in the split), in that order.
 
-def define_shard_flags() -> None:
-    """Defines --num_shards / --shard_index: split the selected examples over processes."""
-    from absl import flags
+        Args:
+            indices: indices of selected examples (e.g. a step of a run).
 
-    flags.DEFINE_integer("num_shards", 1, "Split the selected examples into this many shards "
-                         "(one process or machine each; join them with --merge).", lower_bound=1)
-    flags.DEFINE_integer("shard_index", 0, "This process's shard: the selected examples at "
-                         "positions i with i mod --num_shards = --shard_index.", lower_bound=0)
-
-
-def define_engine_flags(work: str) -> None:
-    """Defines --engine / --beam_options: compute the rows of ``work`` (e.g. "certify") in
-    this process or on an Apache Beam pipeline (`tfcert.beam_pipeline`)."""
-    from absl import flags
-
-    flags.DEFINE_enum("engine", "local", ["local", "beam"], f"local: {work} in this process; "
-                      "beam: on an Apache Beam pipeline (tfcert.beam_pipeline, docs/SCALING.md; "
-                      "pip install 'tfcert[beam]'), with the same rows.")
-    flags.DEFINE_string("beam_options", "", "--engine=beam: Beam pipeline options, e.g. "
-                        "\"--runner=DirectRunner --direct_num_workers=2 --direct_running_mode="
-                        "multi_processing\" (and tfcert's --intra_op_threads=N, TensorFlow "
-                        "threads per worker, and --tfcert_work_dir=PATH, the staged model and "
-                        "part files).")
+        Raises:
+            CliError: an index is not selected here (a worker given other data options).
+        """
+        position = {int(index): p for p, index in enumerate(self.indices)}
+        unknown = [i for i in indices if int(i) not in position]
+        require(not unknown, f"index {unknown[0] if unknown else ''} is not in the data "
+                "selection of this process: give it the driver's data options")
+        p = [position[int(i)] for i in indices]
+        return Selection(self.indices[p], self.images[p], self.labels[p], self.meta)
 
 
-def select_examples(options, shard: bool = True):
-    """(index, image, label) arrays of the examples the data flags choose, and the dataset info.
+def select_examples(options: Any, shard: bool = True) -> Selection:
+    """The examples the data options choose.
 
-    ``options`` has the data flags as attributes (``absl.flags.FLAGS`` or a namespace):
-    ``--num_examples`` examples of the split, every ``--stride``-th after ``--skip``;
-    with ``shard``, only the positions i of that selection with i mod ``num_shards`` =
-    ``shard_index``.  Indices are positions in the split: the noise of an example is
-    keyed by its index, so any shard or resumed run certifies it identically.
+    Args:
+        options: the run's options as attributes (a `tfcert.runs` config or a namespace):
+            ``num_examples`` examples of the ``split`` of ``dataset``, every ``stride``-th
+            after ``skip``.
+        shard: keep only the positions i of that selection with i mod ``num_shards`` =
+            ``shard_index``.
+
+    Indices are positions in the split: the noise of an example is keyed by its index,
+    so any shard or resumed run certifies it identically.
     """
     import numpy as np
 
@@ -159,7 +151,30 @@ def select_examples(options, shard: bool = True):
     indices = np.array([f.skip + int(i) for i, _ in picked])
     images = np.stack([example[0] for _, example in picked]).astype(np.float32)
     labels = np.array([int(example[1]) for _, example in picked])
-    return indices, images, labels, data.info(f.dataset)
+    return Selection(indices, images, labels, data.info(f.dataset))
+
+
+def eps_grid(eps: Sequence[str | float] | None, norm: str) -> list[float]:
+    """The ε budgets of a run (certify's KL grid, an attack's sweep), sorted, each once.
+
+    Args:
+        eps: the budgets (``--eps``), as strings or numbers.
+        norm: "inf" (ℓ∞: budgets on the [0, 1] pixel scale, at most 1) or "2".
+
+    Raises:
+        CliError: a budget is not a finite number >= 0, or an ℓ∞ budget exceeds 1.
+    """
+    text = ",".join(str(e) for e in eps or [])
+    try:
+        grid = [float(e) for e in eps or []]
+    except ValueError:
+        grid = []
+    require(bool(grid) and all(0 <= e < math.inf for e in grid),  # NaN fails both
+            f"--eps must be a comma list of finite budgets >= 0 (e.g. 0.05,0.1), got "
+            f"{text or 'none'}")
+    require(norm == "2" or max(grid) <= 1,
+            f"ℓ∞ budgets are on the [0, 1] pixel scale: --eps={text} has values > 1")
+    return sorted(set(grid))
 
 
 def check_model_fits(model, meta, model_path: str, dataset: str) -> None:
@@ -177,7 +192,8 @@ def check_model_fits(model, meta, model_path: str, dataset: str) -> None:
 
 
 def _run_flags():
-    """The flags of the running script and of tfcert's modules (not absl's own)."""
+    """The flags of the running script and of tfcert's modules (not absl's own); for
+    scripts without a `tfcert.runs` config."""
     from absl import flags
 
     return [flag for module, defined in flags.FLAGS.flags_by_module_dict().items()

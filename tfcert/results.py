@@ -9,12 +9,14 @@ run directory made with a different configuration is refused rather than mixed.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import os
 import sys
-from typing import Any, Iterable, Mapping, Sequence
+import threading
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 
 class RunConfigMismatchError(RuntimeError):
@@ -45,6 +47,7 @@ def prepare_run_dir(output_dir: str, config: Mapping[str, Any], operational: Ite
     """
     path = os.path.join(output_dir, "config.json")
     config = json.loads(json.dumps(dict(config), default=str))  # as it reads back
+    defaults = json.loads(json.dumps(dict(defaults or {}), default=str))  # tuples as lists
     if results_file and not os.path.exists(path) and os.path.exists(
             os.path.join(output_dir, results_file)):
         raise RunConfigMismatchError(
@@ -52,7 +55,7 @@ def prepare_run_dir(output_dir: str, config: Mapping[str, Any], operational: Ite
             "checked against these settings; choose another --output_dir")
     if os.path.exists(path):
         old = read_config(path)
-        skip, defaults = set(operational), dict(defaults or {})
+        skip = set(operational)
         changed = [k for k in sorted(set(old) | set(config)) if k not in skip
                    and old.get(k, defaults.get(k)) != config.get(k, defaults.get(k))]
         if changed:
@@ -78,7 +81,7 @@ def read_config(path: str) -> dict[str, Any]:
 
 def write_atomic(path: str, text: str) -> None:
     """Writes ``text`` to ``path`` so that a reader sees the old file or the whole new one."""
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = f"{path}.tmp{os.getpid()}-{threading.get_ident()}"  # one per writer
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
@@ -104,6 +107,17 @@ def lock_run_dir(output_dir: str):
             f"another process is writing the run in {output_dir}; wait for it or choose "
             "another --output_dir") from err
     return handle
+
+
+@contextlib.contextmanager
+def locked_run_dir(output_dir: str) -> Iterator[None]:
+    """`lock_run_dir` for the length of a block, released when it ends, also by an error
+    (so that the same process can resume the run, e.g. from Python)."""
+    handle = lock_run_dir(output_dir)
+    try:
+        yield
+    finally:
+        handle.close()
 
 
 def remove_files(output_dir: str, names: Iterable[str]) -> None:
@@ -170,11 +184,22 @@ class ResultTable:
         """Appends rows (dicts by column), flushed and synced to disk before returning."""
         rows = [{c: _format(row[c]) for c in self.columns} for row in rows]
         with open(self.path, "a", newline="") as f:
-            for row in rows:
-                f.write("\t".join(row[c] for c in self.columns) + "\n")
+            f.write(tsv_lines(self.columns, rows))
             f.flush()
             os.fsync(f.fileno())
         self.rows.extend(rows)
+
+
+def tsv_lines(columns: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> str:
+    """The TSV lines of ``rows`` (dicts by column; numbers to 6 significant digits, lists
+    comma-joined): the one line format of every result table."""
+    return "".join("\t".join(_format(row[c]) for c in columns) + "\n" for row in rows)
+
+
+def write_tsv(path: str, columns: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> None:
+    """Writes a whole TSV (header and ``rows``) atomically (`write_atomic`), in the line
+    format of `ResultTable`."""
+    write_atomic(path, "\t".join(columns) + "\n" + tsv_lines(columns, rows))
 
 
 def read_tsv(path: str) -> list[dict[str, str]]:

@@ -1,5 +1,5 @@
-r"""Robust accuracy of a defense under an attack over a sweep of ε: the engine of
-``tfcert-attack`` / ``python -m tfcert.scripts.attack``.
+r"""Robust accuracy of a defense under an attack over a sweep of ε: the work of
+`tfcert.runs.attack` (``tfcert-attack``).
 
 The defense is the base model behind a tfcert layer (``defense``: none, gaussian,
 randdisc, randmix, smoothed, bitdepth, jpeg, tvm, resizepad).  White-box attacks get its
@@ -10,7 +10,7 @@ labels.  A randomized defense classifies with one draw per image (Zhang & Liang'
 setting); ``smoothed`` is STN's Algorithm 1, a majority vote over ``num_votes`` draws of
 N(0, σ²) (attacked through its noisy base model with EOT).
 
-`sweep` streams one row per (ε, example) to ``<output_dir>/attack.tsv`` (key, eps, index,
+A run streams one row per (ε, example) to ``<output_dir>/attack.tsv`` (key, eps, index,
 label, clean and adversarial prediction, perturbation norm, robust, seconds) a batch at
 a time; rerunning resumes, and adding ε values or examples only computes the new rows.
 For the minimum-norm attacks (``cw_l2``, ``boundary``) one attack serves every ε: an
@@ -30,16 +30,17 @@ batch or on the worker (``--engine=beam``, `tfcert.beam_pipeline`): up to the la
 float32 bits of the model's outputs, which may differ between batch sizes.  Runs made
 before (one seed per batch) are refused (`check_randomness`).
 
-Options are attributes of ``o`` (``absl.flags.FLAGS`` in the script, or a namespace).
+The work of a run is an `AttackTask` (`tfcert.runs.steps.StepTask`), computed by the local
+or the Beam engine (`tfcert.runs.driver`).  Options are attributes of ``o`` (a
+`tfcert.runs.AttackConfig`, or a namespace of a run's configuration, `run_config`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 from tfcert import cli
 
@@ -79,21 +80,6 @@ class Defense:
         return self.scores(x, run_key, indices).argmax(axis=1)
 
 
-def eps_grid(o) -> list[float]:
-    """--eps as finite floats ≥ 0 (≤ 1 for ℓ∞ budgets)."""
-    try:
-        grid = [float(e) for e in o.eps or []]
-    except ValueError:
-        grid = []
-    cli.require(bool(grid) and all(0 <= e < math.inf for e in grid),  # NaN fails both
-                f"--eps must be a comma list of finite budgets >= 0 (e.g. 0.05,0.1), got "
-                f"{','.join(o.eps or []) or 'none'}")
-    cli.require(attack_norm(o) == "2" or max(grid) <= 1,
-                f"ℓ∞ budgets are on the [0, 1] pixel scale: --eps={','.join(o.eps)} "
-                "has values > 1")
-    return sorted(set(grid))
-
-
 def attack_norm(o) -> str:
     """The norm in which perturbations are measured."""
     if o.attack == "transfer":
@@ -105,51 +91,10 @@ def key(eps: float, index) -> str:
     return f"{eps:g}/{index}"
 
 
-def sweep(o, grid: list[float]) -> None:
-    """The resumable sweep: prepares the run directory, computes the missing rows (in this
-    process, or on Beam with ``--engine=beam``), then `summarize`."""
-    from tfcert import results
-
-    pipeline_options = None
-    if o.engine == "beam":
-        from tfcert import beam_pipeline  # the one-line error without Beam, before any output
-
-        pipeline_options = beam_pipeline.parse_pipeline_options(o.beam_options)
-    indices, images, labels, meta = cli.select_examples(o, shard=False)
-    base = cli.load_model(o.model)
-    cli.check_model_fits(base, meta, o.model, o.dataset)
-    source = cli.load_model(o.source_model) if o.source_model else None
-    if source is not None:
-        cli.check_model_fits(source, meta, o.source_model, o.dataset)
-    config = run_config(o, cli.script_flags())
-    check_randomness(o.output_dir)
-    lock = results.lock_run_dir(o.output_dir)
-    results.prepare_run_dir(o.output_dir, config, OPERATIONAL, cli.flag_defaults(), TSV)
-    results.remove_files(o.output_dir, SUMMARY_FILES)  # rewritten once every row is in
-    table = results.ResultTable(os.path.join(o.output_dir, TSV), COLUMNS, "key")
-    if pipeline_options is not None:
-        task = AttackTask(beam_pipeline.worker_options(config), grid, indices)
-        gathered = beam_pipeline.run_steps(task, pipeline_options, o.output_dir, table,
-                                           [key(e, i) for e in grid for i in indices])
-        rows = list(gathered.values())
-    else:
-        attacker = Attacker(o, config, indices, images, labels, base, source, meta.num_classes)
-        todo = wanted(indices, grid) - table.done
-        total = len(grid) * len(indices)
-        progress = cli.Progress(total, UNIT, total - len(todo))
-        for eps_values, step in plan(o, grid, indices, todo):
-            new = [row for row in attacker.rows(eps_values, step) if row["key"] in todo]
-            table.append(new)
-            progress.update(progress.done + len(new))
-        rows = table.rows
-    summarize(o, rows, indices, grid)
-    lock.close()
-
-
-def run_config(o, flags: dict) -> dict:
-    """The run's ``config.json``: every flag, the models' SHA-256, the resolved ``steps``
-    and ``eot_samples``, and `RANDOMNESS`."""
-    return {**flags, "model_sha256": cli.file_sha256(o.model),
+def run_config(o, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The run's ``config.json``: every option (``options``, by name), the models' SHA-256,
+    the resolved ``steps`` and ``eot_samples``, and `RANDOMNESS`."""
+    return {**options, "model_sha256": cli.file_sha256(o.model),
             "source_model_sha256": cli.file_sha256(o.source_model) if o.source_model else None,
             "steps": o.steps or DEFAULT_STEPS[o.attack],
             "eot_samples": o.eot_samples or (20 if o.defense in RANDOMIZED else 1),
@@ -170,10 +115,6 @@ def check_randomness(output_dir: str) -> None:
             f"the run in {output_dir} was made by an older tfcert-attack that seeded the "
             f"attack randomness per batch ({found}), and this one seeds it per example: its "
             "rows cannot be continued; use another --output_dir (or delete it to rerun)")
-
-
-def wanted(indices, grid) -> set[str]:
-    return {key(e, i) for e in grid for i in indices}
 
 
 def plan(o, grid, indices, todo: set[str]) -> list[tuple[tuple[float, ...], tuple[int, ...]]]:
@@ -213,31 +154,25 @@ class Attacker:
     """The rows of steps of work: holds the examples, the defense and the attack.
 
     Args:
-        o: the run's options.
-        config: the run's configuration (`run_config`).
-        indices, images, labels: the selected examples.
+        o: the run's configuration (`run_config`) as attributes (``steps`` and
+            ``eot_samples`` resolved).
+        examples: the selected examples.
         base, source: the base model and (``transfer``) the source model.
-        num_classes: classes of the dataset.
     """
 
-    def __init__(self, o, config: dict, indices, images, labels, base, source,
-                 num_classes: int):
-        self.o, self.images, self.labels = o, images, labels
-        self.position = {int(index): p for p, index in enumerate(indices)}
-        self.defense = build_defense(o, base, num_classes)
-        self.attack = make_attack(o, self.defense, source, config)
+    def __init__(self, o, examples: cli.Selection, base, source):
+        self.o, self.examples = o, examples
+        self.defense = build_defense(o, base, examples.meta.num_classes)
+        self.attack = make_attack(o, self.defense, source)
 
     def rows(self, eps_values: tuple[float, ...], step: tuple[int, ...]) -> list[dict]:
         """Every row (each ε of ``eps_values`` × each example of ``step``) of a step."""
         import numpy as np
 
         o = self.o
-        unknown = [i for i in step if i not in self.position]
-        cli.require(not unknown, f"index {unknown[0] if unknown else ''} is not in the data "
-                    "selection of this process: give it the driver's data options")
+        examples = self.examples.subset(step)
         began = time.time()
-        p = [self.position[i] for i in step]
-        x, y, ids = self.images[p], self.labels[p], np.asarray(step, np.int64)
+        x, y, ids = examples.images, examples.labels, np.asarray(step, np.int64)
         eps = None if o.attack in MINIMUM_NORM else eps_values[0]
         x_adv = np.asarray(self.attack(x, y, eps_values[0],
                                        purpose_keys(o.seed, ATTACK, eps, ids)))
@@ -254,8 +189,8 @@ class Attacker:
 
 
 class AttackTask:
-    """The sweep as a task of the Beam engine (`tfcert.beam_pipeline.run_steps`): the
-    driver plans the steps, each worker builds an `Attacker` once and computes steps.
+    """The sweep as a `tfcert.runs.steps.StepTask`: the driver plans the steps; the engine
+    (each Beam worker) builds an `Attacker` once and computes steps.
 
     Args:
         options: the run's configuration (`run_config`) as a namespace.
@@ -292,12 +227,12 @@ class AttackTask:
         eps, index = row_key.split("/")
         return float(eps), int(index)
 
-    def setup(self, models: dict[str, str]) -> None:
-        o = self.options
-        indices, images, labels, meta = cli.select_examples(o, shard=False)
-        source = cli.load_model(models["source_model"]) if "source_model" in models else None
-        self.attacker = Attacker(o, vars(o), indices, images, labels,
-                                 cli.load_model(models["model"]), source, meta.num_classes)
+    def select(self) -> cli.Selection:
+        return cli.select_examples(self.options, shard=False)
+
+    def setup(self, models: Mapping[str, Any], examples: cli.Selection) -> None:
+        self.attacker = Attacker(self.options, examples, models["model"],
+                                 models.get("source_model"))
 
     def run(self, step) -> list[dict]:
         return self.attacker.rows(*step)
@@ -357,12 +292,12 @@ def build_defense(o, base, num_classes: int) -> Defense:
     return Defense(model, scores)
 
 
-def make_attack(o, defense: Defense, source, config: dict) -> Callable:
-    """``attack(x, y, eps, keys) -> x_adv`` for --attack with the run's settings (``keys``:
-    the examples' stateless keys [batch, 2])."""
+def make_attack(o, defense: Defense, source) -> Callable:
+    """``attack(x, y, eps, keys) -> x_adv`` for --attack with the run's settings (``o``:
+    `run_config`, ``keys``: the examples' stateless keys [batch, 2])."""
     from tfcert import attacks
 
-    steps, eot = config["steps"], config["eot_samples"]
+    steps, eot = o.steps, o.eot_samples
     pgd_settings = dict(steps=steps, step_size=o.step_size, loss=o.loss,
                         confidence=o.confidence)
     if o.attack == "transfer":
@@ -409,9 +344,10 @@ def summarize(o, rows, indices, grid) -> None:
     text = format_table(grid, {name: accuracy}, header="ε")
     print(f"{header}\nrobust accuracy:\n{text}")
     results.write_atomic(os.path.join(o.output_dir, "summary.txt"), f"{header}\n{text}\n")
-    results.write_atomic(os.path.join(o.output_dir, "robust_accuracy.tsv"),
-                         "eps\trobust_accuracy\n"
-                         + "".join(f"{e:g}\t{a:.6g}\n" for e, a in zip(grid, accuracy)))
+    results.write_tsv(os.path.join(o.output_dir, "robust_accuracy.tsv"),
+                      ["eps", "robust_accuracy"],
+                      [{"eps": float(e), "robust_accuracy": float(a)}
+                       for e, a in zip(grid, accuracy)])
     plot_curves(grid, {name: accuracy}, os.path.join(o.output_dir, "robust_accuracy.png"),
                 xlabel=xlabel, ylabel="robust accuracy", title=header.split(";")[0])
     print(f"wrote {o.output_dir}/attack.tsv, robust_accuracy.tsv, robust_accuracy.png")
