@@ -156,6 +156,29 @@ def test_mixture_evidence_is_accurate_to_well_within_its_margin():
     assert worst < 0.1  # every error is under a tenth of the margin
 
 
+@pytest.mark.slow
+def test_mixture_bound_is_the_mpmath_root_from_below():
+    """The bound against an independent reference: the root of log E_n(p) = log(1/α) on
+    [0, S/n], found by a 40-digit mpmath bisection of `mpmath_log_evidence`.  The
+    float64 bound never lies above it (soundness) and is within 1e-9 of it (the
+    rejection margin, ≤ ~1e-8 in log E, moves the root by less than that here)."""
+    alpha = 1e-3
+    for s, n, prior in ((10.0, 12.0, (1.0, 1.0)), (95.0, 100.0, (1.0, 1.0)),
+                        (300.0, 1000.0, (2.0, 1.0)), (999.0, 1000.0, (1.0, 0.5)),
+                        (4990.0, 5000.0, (1.0, 1.0))):
+        threshold = mpmath.log(1 / mpmath.mpf(alpha))
+        low, high = mpmath.mpf(0), mpmath.mpf(s) / n
+        with mpmath.workdps(40):
+            for _ in range(60):
+                middle = (low + high) / 2
+                if mpmath_log_evidence(s, n, float(middle), *prior) >= threshold:
+                    low = middle
+                else:
+                    high = middle
+        ours = float(cs.mixture_lower(s, n, alpha, prior))
+        assert ours <= float(high) and float(low) - ours < 1e-9, (s, n, ours, float(low))
+
+
 @pytest.mark.parametrize("prior", [(1.0, 1.0), (1.0, 0.2), (1.0, 50.0), (20.0, 3.0)])
 def test_mixture_evidence_crosses_the_threshold_once(prior):
     """The bisection is sound because E_n(p₀) >= 1/α on [0, S/n] is an interval [0, L)
