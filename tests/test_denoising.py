@@ -1,6 +1,11 @@
 """Denoised smoothing: DnCNN, the training objectives of `tfcert.DenoiserModel`, the
 composition with a frozen classifier, serialization."""
 
+import json
+import os
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -12,6 +17,7 @@ from tfcert.layers import GaussianNoise
 from tfcert.smoothing import SmoothedClassifier
 
 SIGMA = 0.5
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -125,3 +131,83 @@ def test_denoiser_model_save_load_round_trip(clean_classifier, digits, tmp_path)
     noisy = digits[2][:8] + 0.1
     np.testing.assert_allclose(loaded(noisy), model(noisy), rtol=1e-6, atol=1e-6)  # float32
     loaded.fit(digits[0][:128], epochs=1, batch_size=64, verbose=0)  # resumes training
+
+
+@pytest.fixture(scope="module")
+def saved_pair(clean_classifier, digits, tmp_path_factory) -> dict:
+    """The clean classifier and a Stab denoiser (σ = 0.5, 10 epochs) as .keras files, and
+    a denoiser of the wrong image size."""
+    folder = tmp_path_factory.mktemp("denoised")
+    keras.utils.set_random_seed(1)
+    denoiser = models.dncnn((8, 8, 1), depth=4, filters=16)
+    model = tfcert.DenoiserModel(denoiser, SIGMA, "stab", classifier=clean_classifier, seed=1)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    model.fit(digits[0], epochs=10, batch_size=128, verbose=0)
+    paths = {"classifier": str(folder / "classifier.keras"),
+             "denoiser": str(folder / "denoiser.keras"), "wrong": str(folder / "wrong.keras")}
+    clean_classifier.save(paths["classifier"])
+    denoiser.save(paths["denoiser"])
+    models.dncnn((9, 8, 1), depth=3, filters=4).save(paths["wrong"])
+    return paths
+
+
+@pytest.mark.slow
+def test_certify_run_with_a_denoiser_records_both_models(saved_pair, tmp_path):
+    from tfcert import cli, runs
+
+    def config(denoiser, folder):
+        return runs.CertifyConfig(model=saved_pair["classifier"], denoiser=denoiser,
+                                  dataset="digits", sigma=SIGMA, num_examples=6,
+                                  num_samples=100, bounds=("cohen",), output_dir=str(folder))
+
+    rows = runs.certify(config(saved_pair["denoiser"], tmp_path / "run"))
+    assert len(rows) == 6
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert recorded["denoiser"] == saved_pair["denoiser"]
+    assert recorded["denoiser_sha256"] == cli.file_sha256(saved_pair["denoiser"])
+    # the composition's votes: the Python API on the same seed (the run keys each
+    # example by its dataset index)
+    base = models.denoised(cli.load_model(saved_pair["denoiser"]),
+                           cli.load_model(saved_pair["classifier"]))
+    x, _ = data.load_arrays("digits", "test")
+    cert = SmoothedClassifier(base, 10, GaussianNoise(SIGMA)).certify(
+        x[:6], 100, 0.001, "cohen", seed=0, indices=np.arange(6))
+    assert [row["prediction"] for row in rows] == [str(p) for p in cert.prediction]
+    with pytest.raises(cli.CliError, match="does not fit the classifier"):
+        runs.certify(config(saved_pair["wrong"], tmp_path / "wrong"))
+    assert not (tmp_path / "wrong").exists()  # refused before anything is written
+
+
+@pytest.mark.slow
+def test_export_with_a_denoiser_equals_the_python_api(saved_pair, tmp_path):
+    """``tfcert-export --denoiser`` (the command, in a subprocess) serves the composition:
+    its seeded certificates are the Python API's on the same seeds."""
+    from tfcert import cli, export
+
+    base_dir = tmp_path / "serving"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "export"),
+                           f"--model={saved_pair['classifier']}",
+                           f"--denoiser={saved_pair['denoiser']}", f"--sigma={SIGMA}",
+                           "--num_samples=300", f"--base_dir={base_dir}", "--name=denoised"],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    path = str(base_dir / "denoised" / "1")
+    assert export.read_config(path)["metadata"]["denoiser_sha256"] == cli.file_sha256(
+        saved_pair["denoiser"])
+    x, _ = data.load_arrays("digits", "test")
+    served = tf.saved_model.load(path).signatures["certify_seeded"](
+        images=tf.constant(x[:3]), seed=tf.constant([4, 5, 6], tf.int64))
+    base = models.denoised(cli.load_model(saved_pair["denoiser"]),
+                           cli.load_model(saved_pair["classifier"]))
+    smoothed = SmoothedClassifier(base, 10, GaussianNoise(SIGMA))
+    for i, seed in enumerate((4, 5, 6)):
+        cert = smoothed.certify(x[i:i + 1], 300, 0.001, "renyi", seed=seed)
+        np.testing.assert_array_equal(served["counts"][i], cert.counts[0])
+        assert served["prediction"][i] == cert.prediction[0]
+    wrong = subprocess.run([sys.executable, os.path.join(ROOT, "export"),
+                            f"--model={saved_pair['classifier']}",
+                            f"--denoiser={saved_pair['wrong']}", f"--sigma={SIGMA}",
+                            f"--base_dir={base_dir}", "--name=wrong"],
+                           capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert wrong.returncode == 1 and "does not fit the classifier" in wrong.stderr
+    assert not (base_dir / "wrong").exists()

@@ -153,6 +153,8 @@ class CertifyTask:
     def __init__(self, options: Any, columns: Sequence[str], images_per_step: int):
         self.options, self.columns, self.images_per_step = options, list(columns), images_per_step
         self.models = {"model": (options.model, options.model_sha256)}
+        if getattr(options, "denoiser", None):  # runs of older versions have no denoiser
+            self.models["denoiser"] = (options.denoiser, options.denoiser_sha256)
 
     def steps(self, todo: list[str]) -> list[tuple[int, ...]]:
         return [tuple(int(i) for i in todo[s:s + self.images_per_step])
@@ -177,7 +179,10 @@ class CertifyTask:
     def setup(self, models: Mapping[str, Any], examples: cli.Selection) -> None:
         self.examples = examples
         self.certifier = make_certifier(self.options)
-        self.certifier.setup(models["model"], examples.meta.num_classes)
+        from tfcert.models import with_denoiser
+
+        self.certifier.setup(with_denoiser(models["model"], models.get("denoiser")),
+                             examples.meta.num_classes)
 
     def run(self, step: tuple[int, ...]) -> list[dict[str, Any]]:
         e = self.examples.subset(step)

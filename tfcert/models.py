@@ -115,6 +115,11 @@ def denoised(denoiser: keras.Model, classifier: keras.Model) -> keras.Model:
     return keras.Model(images, classifier(denoiser(images)), name="denoised_classifier")
 
 
+def with_denoiser(classifier: keras.Model, denoiser: keras.Model | None) -> keras.Model:
+    """``classifier``, or `denoised` ``(denoiser, classifier)`` when a denoiser is given."""
+    return classifier if denoiser is None else denoised(denoiser, classifier)
+
+
 def trained_small_cnn(sigma: float) -> keras.Model:
     """`small_cnn` trained for 6 epochs (seconds on a CPU) on sklearn digits, the train
     split twice, each copy under Gaussian noise of std ``sigma`` (seed 0): the model of

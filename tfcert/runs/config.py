@@ -142,6 +142,11 @@ class CertifyConfig(_DataOptions, _EngineOptions):
 
     model: str | None = option(None, "Trained base classifier (.keras file giving logits).",
                                "string")
+    denoiser: str | None = option(
+        None, "Denoised smoothing (Salman et al. 2020): a denoiser (.keras, noisy image -> "
+        "image) in front of --model, e.g. trained with tfcert.DenoiserModel; the smoothed "
+        "classifier is then model(denoiser(x + noise)), so a classifier trained without "
+        "noise can be certified.", "string")
     sigma: float | None = option(None, "Noise std σ of the smoothed classifier ([0, 1] pixel "
                                  "scale).", "float")
     num_samples: int = option(1000, "n: noisy samples per example for the bounds.", "integer",

@@ -50,8 +50,10 @@ def certify(config: CertifyConfig) -> Rows | None:
         return certification.merge_runs(config.merge, config.output_dir, display)
     pipeline_options = _pipeline_options(config)
     examples = cli.select_examples(config)
-    models = _load_models({"model": config.model}, examples, config.dataset)
+    models = _load_models({"model": config.model}, examples, config.dataset, config.denoiser)
     record = {**config.to_dict(), "model_sha256": cli.file_sha256(config.model)}
+    if config.denoiser is not None:  # only then: older runs' identities stay the same
+        record["denoiser_sha256"] = cli.file_sha256(config.denoiser)
     certifier = certification.make_certifier(config)
     task = certification.CertifyTask(_task_options(record, config.engine),
                                      certification.table_columns(certifier),
@@ -110,15 +112,25 @@ def _pipeline_options(config: CertifyConfig | AttackConfig) -> Any:
     return beam_pipeline.parse_pipeline_options(config.beam_options)
 
 
-def _load_models(paths: Mapping[str, str | None], examples: cli.Selection,
-                 dataset: str) -> dict[str, Any]:
+def _load_models(paths: Mapping[str, str | None], examples: cli.Selection, dataset: str,
+                 denoiser: str | None = None) -> dict[str, Any]:
     """The models of ``paths`` (name -> .keras file; None: no such model), each checked to
-    take the examples' images and give one logit per class."""
+    take the examples' images and give one logit per class; with a ``denoiser`` (.keras
+    file), also ``models["denoiser"]``, and ``models["model"]`` is checked behind it."""
     models = {}
     for name, path in paths.items():
         if path is not None:
             models[name] = cli.load_model(path)
-            cli.check_model_fits(models[name], examples.meta, path, dataset)
+            base = models[name]
+            if name == "model" and denoiser is not None:
+                from tfcert.models import denoised
+
+                models["denoiser"] = cli.load_model(denoiser)
+                try:
+                    base = denoised(models["denoiser"], base)
+                except ValueError as err:
+                    raise cli.CliError(f"--denoiser={denoiser}: {err}") from err
+            cli.check_model_fits(base, examples.meta, path, dataset)
     return models
 
 

@@ -22,6 +22,9 @@ from tfcert import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "Trained base classifier (.keras file giving logits).")
+flags.DEFINE_string("denoiser", None, "Denoised smoothing (Salman et al. 2020): a denoiser "
+                    "(.keras, noisy image -> image, e.g. trained with tfcert.DenoiserModel) in "
+                    "front of --model; the export certifies model(denoiser(x + noise)).")
 flags.DEFINE_string("dataset", None, "Dataset the model was trained on (tells H, W, C and the "
                     "number of classes); default: the model's input shape and output size.")
 flags.DEFINE_enum("defense", "gaussian", ["gaussian", "randdisc", "randmix"],
@@ -90,10 +93,19 @@ def run(argv: list[str]) -> None:
     except (ValueError, OSError) as err:
         raise cli.CliError(str(err)) from err
     model = cli.load_model(FLAGS.model)
-    image_shape, num_classes = model_geometry(model)
-    smoothed = SmoothedClassifier(model, num_classes, noise_layer())
     metadata = {"model": FLAGS.model, "model_sha256": cli.file_sha256(FLAGS.model),
                 "flags": cli.script_flags()}
+    if FLAGS.denoiser is not None:
+        from tfcert.models import denoised
+
+        try:
+            model = denoised(cli.load_model(FLAGS.denoiser), model)
+        except ValueError as err:
+            raise cli.CliError(f"--denoiser={FLAGS.denoiser}: {err}") from err
+        metadata.update(denoiser=FLAGS.denoiser,
+                        denoiser_sha256=cli.file_sha256(FLAGS.denoiser))
+    image_shape, num_classes = model_geometry(model)
+    smoothed = SmoothedClassifier(model, num_classes, noise_layer())
     try:
         config = export.export_saved_model(
             smoothed, path, FLAGS.num_samples, FLAGS.alpha, bound, FLAGS.pass_size,
