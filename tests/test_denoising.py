@@ -211,3 +211,31 @@ def test_export_with_a_denoiser_equals_the_python_api(saved_pair, tmp_path):
                            capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert wrong.returncode == 1 and "does not fit the classifier" in wrong.stderr
     assert not (base_dir / "wrong").exists()
+
+
+@pytest.mark.slow
+def test_train_run_of_a_denoiser_writes_the_denoiser(saved_pair, tmp_path):
+    """``tfcert-train --method=denoiser`` (`tfcert.runs.train`): model.keras is a denoiser
+    (image → image) for the recorded classifier, scored through the composition; the
+    classifier's file is unchanged; without --classifier it is a one-line error."""
+    from tfcert import cli, runs
+
+    before = cli.file_sha256(saved_pair["classifier"])
+    config = runs.TrainConfig(dataset="digits", method="denoiser",
+                              classifier=saved_pair["classifier"], sigma=SIGMA, epochs=3,
+                              denoiser_mse_epochs=1, output_dir=str(tmp_path / "run"),
+                              verbose="0")
+    metrics = runs.train(config)
+    denoiser = cli.load_model(str(tmp_path / "run" / "model.keras"))
+    assert denoiser.input_shape == denoiser.output_shape == (None, 8, 8, 1)
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert recorded["classifier_sha256"] == before == cli.file_sha256(saved_pair["classifier"])
+    # the metrics are the composition's: recomputed from the two saved files, the same
+    from tfcert.runs import trainer
+
+    composed = models.denoised(denoiser, cli.load_model(saved_pair["classifier"]))
+    test = data.load("digits", "test")
+    assert trainer.evaluate(composed, test, SIGMA, 0) == {
+        key: metrics[key] for key in ("clean_accuracy", "noisy_accuracy", "sigma")}
+    with pytest.raises(cli.CliError, match="needs --classifier"):
+        runs.TrainConfig(dataset="digits", method="denoiser", output_dir=str(tmp_path / "x"))

@@ -363,15 +363,29 @@ class TrainConfig(_Config):
     model: str | None = option(
         None, "Base classifier: stn_mnist, cifar_cnn, small_cnn or app:<keras.applications "
         "name>. Default: stn_mnist for 28x28 data, cifar_cnn for cifar10, small_cnn for "
-        "digits, app:ResNet50 for imagenet2012.", "string")
+        "digits, app:ResNet50 for imagenet2012; dncnn (the denoiser) for --method=denoiser.",
+        "string")
     method: str = option(
         "stn", "Training method: standard; gaussian (Gaussian augmentation, Cohen et al.); stn "
         "(stability training with noise, STN Sec. 5.1); consistency (Gaussian augmentation + "
         "consistency regularization, Jeong & Shin 2020); macer (certified-radius "
         "maximisation, Zhai et al. 2020); smoothadv (PGD on the smoothed classifier, Salman et "
-        "al. 2019); pgd (Madry PGD adversarial training); trades (TRADES).", "enum",
+        "al. 2019); pgd (Madry PGD adversarial training); trades (TRADES); denoiser (a "
+        "denoiser for the frozen --classifier, denoised smoothing, Salman et al. 2020: "
+        "model.keras is then the denoiser).", "enum",
         choices=("standard", "gaussian", "stn", "consistency", "macer", "smoothadv", "pgd",
-                 "trades"))
+                 "trades", "denoiser"))
+    classifier: str | None = option(
+        None, "--method=denoiser: the trained classifier (.keras, logits) the denoiser is "
+        "for; it is never changed.", "string")
+    denoiser_objective: str = option(
+        "stab_mse", "--method=denoiser: mse (‖D(x + δ) − x‖²), stab (cross-entropy of the "
+        "classifier on D(x + δ) against its own label on x), stab_mse (mse for the first "
+        "--denoiser_mse_epochs, then stab); see tfcert.DenoiserModel.", "enum",
+        choices=("mse", "stab", "stab_mse"))
+    denoiser_mse_epochs: int = option(
+        5, "--method=denoiser --denoiser_objective=stab_mse: epochs of MSE pre-training.",
+        "integer", lower_bound=1)
     sigma: float = option(
         0.7, "Noise std σ on the [0, 1] pixel scale (gaussian, stn, consistency, macer, "
         "smoothadv; also the noise of the reported noisy accuracy).", "float", lower_bound=0.0)
@@ -454,6 +468,13 @@ class TrainConfig(_Config):
                 f"of {', '.join(data.DATASETS)}")
         require(self.method in ("standard", "pgd", "trades") or self.sigma > 0,
                 f"--method={self.method} needs --sigma > 0")
+        require((self.method == "denoiser") == (self.classifier is not None),
+                "--method=denoiser needs --classifier=<the classifier's .keras file> (and "
+                "--classifier is only for --method=denoiser)")
+        require(self.method != "denoiser" or self.denoiser_objective != "stab_mse"
+                or self.denoiser_mse_epochs < self.epochs,
+                "--denoiser_objective=stab_mse needs --denoiser_mse_epochs < --epochs (the "
+                "epochs after them fine-tune with stab)")
         require(self.patience == 0 or self.validation_split > 0,
                 "--patience needs --validation_split > 0: early stopping on the test split "
                 "would select the model on the data it is evaluated on")

@@ -1,6 +1,10 @@
 """Training runs (`train`, ``tfcert-train``): a base classifier trained with one of tfcert's
 objectives, resumable, its files in one folder.
 
+With ``method="denoiser"`` the run trains a denoiser for the frozen ``classifier``
+(`tfcert.DenoiserModel`, denoised smoothing): ``model.keras`` is the denoiser, and every
+accuracy (validation, ``metrics.json``) is that of classifier ∘ denoiser.
+
 Writes to ``output_dir``: ``model.keras`` (the base classifier, logits), ``config.json``
 (every option), ``log.csv`` (per-epoch history: loss, classification_loss, the
 regularizer's loss, accuracy, their val_ versions and val_noisy_accuracy) and
@@ -43,6 +47,11 @@ def default_model(dataset: str) -> str:
             "imagenet2012": "app:ResNet50"}.get(dataset, "stn_mnist")
 
 
+def default_denoiser() -> str:
+    """The denoiser trained by ``method="denoiser"`` when the config names none."""
+    return "dncnn"
+
+
 def train(config: TrainConfig) -> dict[str, Any]:
     """Runs ``tfcert-train`` with the options of ``config`` (resuming an interrupted run in
     ``config.output_dir``).
@@ -72,14 +81,20 @@ def train(config: TrainConfig) -> dict[str, Any]:
                                         c.validation_split, c.seed)
     test_ds = data.load(c.dataset, "test", c.data_dir, c.download)
     val_ds = test_ds if val_ds is None else val_ds
-    model_name = c.model or default_model(c.dataset)
+    model_name = c.model or (default_denoiser() if c.method == "denoiser"
+                             else default_model(c.dataset))
     keras.utils.set_random_seed(c.seed)
     devices.set_precision(c.mixed_precision)
     with strategy.scope():
-        base, model = build(c, model_name, meta)
-        model.compile(optimizer=keras.optimizers.Adam(c.learning_rate),
-                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                      metrics=["accuracy"])
+        if c.method == "denoiser":
+            base, model, scored = build_denoiser(c, model_name, meta, train_ds)
+            model.compile(optimizer=keras.optimizers.Adam(c.learning_rate))
+        else:
+            base, model = build(c, model_name, meta)
+            scored = base
+            model.compile(optimizer=keras.optimizers.Adam(c.learning_rate),
+                          loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                          metrics=["accuracy"])
 
     log_path, best_path, backup_dir, model_path, metrics_path = (
         os.path.join(c.output_dir, name) for name in (
@@ -88,12 +103,14 @@ def train(config: TrainConfig) -> dict[str, Any]:
         results.remove_files(c.output_dir, ("log.csv", "best.weights.h5", "model.keras",
                                             "metrics.json", "config.json"))
     # resuming an interrupted run with other settings is refused before anything is written
-    results.prepare_run_dir(c.output_dir, {**c.to_dict(), "model": model_name}, OPERATIONAL,
-                            TrainConfig.defaults())
+    record = {**c.to_dict(), "model": model_name}
+    if c.method == "denoiser":  # only then: older runs' identities stay the same
+        record["classifier_sha256"] = cli.file_sha256(c.classifier)
+    results.prepare_run_dir(c.output_dir, record, OPERATIONAL, TrainConfig.defaults())
     shuffle = training.EpochShuffle(c.seed)
     callbacks = [
         shuffle,
-        noisy_validation_accuracy(base, val_ds, c.sigma, c.seed),
+        noisy_validation_accuracy(scored, val_ds, c.sigma, c.seed),
         *model_selection(log_path, best_path, c.patience),
         keras.callbacks.CSVLogger(log_path, append=True),
         training.SafeBackupAndRestore(backup_dir),
@@ -115,7 +132,13 @@ def train(config: TrainConfig) -> dict[str, Any]:
         model.load_weights(best_path)
 
     final = base if c.mixed_precision == "float32" else devices.policy_clone(base, "float32")
-    metrics = {**evaluate(final, test_ds, c.sigma, c.seed),
+    if c.method == "denoiser":
+        from tfcert.models import denoised
+
+        scored = denoised(final, model.classifier)
+    else:
+        scored = final
+    metrics = {**evaluate(scored, test_ds, c.sigma, c.seed),
                **epochs_trained(log_path, c.patience)}
     results.write_atomic(metrics_path, json.dumps(metrics, indent=2) + "\n")
     partial = os.path.join(c.output_dir, "model.partial.keras")
@@ -171,6 +194,28 @@ def build(c: TrainConfig, model_name: str,
         return base, training.wrap(base, c.method, c.sigma, seed=c.seed, **options)
     except ValueError as err:
         raise cli.CliError(str(err)) from err
+
+
+def build_denoiser(c: TrainConfig, model_name: str, meta: "data.DatasetInfo",
+                   train_ds: "tf.data.Dataset") -> tuple["keras.Model", "keras.Model",
+                                                         "keras.Model"]:
+    """(the denoiser, the `tfcert.DenoiserModel` whose ``fit`` trains it, classifier ∘
+    denoiser) for ``c.classifier``, checked to fit the data; `cli.CliError` otherwise."""
+    from tfcert import models
+    from tfcert.denoising import DenoiserModel
+
+    classifier = cli.load_model(c.classifier)
+    cli.check_model_fits(classifier, meta, c.classifier, c.dataset)
+    cli.require(model_name == "dncnn", f"--method=denoiser trains --model=dncnn (or a "
+                f"denoiser of the Python API: tfcert.DenoiserModel), got --model={model_name}")
+    denoiser = models.dncnn(tuple(meta.image_shape), depth=8, filters=32)
+    examples = int(train_ds.cardinality())
+    cli.require(examples > 0, f"--method=denoiser needs a training split of known size, "
+                f"{c.dataset} has {examples}")
+    steps_per_epoch = -(-examples // c.batch_size)
+    model = DenoiserModel(denoiser, c.sigma, c.denoiser_objective, classifier=classifier,
+                          mse_steps=c.denoiser_mse_epochs * steps_per_epoch, seed=c.seed)
+    return denoiser, model, models.denoised(denoiser, classifier)
 
 
 def split_validation(train_ds: "tf.data.Dataset", fraction: float,
