@@ -239,3 +239,18 @@ def test_train_run_of_a_denoiser_writes_the_denoiser(saved_pair, tmp_path):
         key: metrics[key] for key in ("clean_accuracy", "noisy_accuracy", "sigma")}
     with pytest.raises(cli.CliError, match="needs --classifier"):
         runs.TrainConfig(dataset="digits", method="denoiser", output_dir=str(tmp_path / "x"))
+
+
+@pytest.mark.slow
+def test_attack_run_with_a_denoiser_attacks_the_composition(saved_pair, tmp_path):
+    """``tfcert-attack --denoiser``: the attacked model is classifier ∘ denoiser behind the
+    defense, and the run records the denoiser's hash."""
+    from tfcert import cli, runs
+
+    rows = runs.attack(runs.AttackConfig(
+        model=saved_pair["classifier"], denoiser=saved_pair["denoiser"], dataset="digits",
+        defense="gaussian", sigma=SIGMA, attack="pgd_l2", eps=(0.0, 0.5), steps=3,
+        num_examples=4, output_dir=str(tmp_path / "attack")))
+    assert len(rows) == 8
+    recorded = json.loads((tmp_path / "attack" / "config.json").read_text())
+    assert recorded["denoiser_sha256"] == cli.file_sha256(saved_pair["denoiser"])

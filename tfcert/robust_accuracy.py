@@ -206,6 +206,8 @@ class AttackTask:
         self.models = {"model": (options.model, options.model_sha256)}
         if options.source_model:
             self.models["source_model"] = (options.source_model, options.source_model_sha256)
+        if getattr(options, "denoiser", None):  # runs of older versions have no denoiser
+            self.models["denoiser"] = (options.denoiser, options.denoiser_sha256)
 
     def steps(self, todo: list[str]) -> list[tuple[tuple[float, ...], tuple[int, ...]]]:
         return plan(self.options, self.grid, self.indices, set(todo))
@@ -231,7 +233,10 @@ class AttackTask:
         return cli.select_examples(self.options, shard=False)
 
     def setup(self, models: Mapping[str, Any], examples: cli.Selection) -> None:
-        self.attacker = Attacker(self.options, examples, models["model"],
+        from tfcert.models import with_denoiser
+
+        self.attacker = Attacker(self.options, examples,
+                                 with_denoiser(models["model"], models.get("denoiser")),
                                  models.get("source_model"))
 
     def run(self, step) -> list[dict]:

@@ -272,6 +272,10 @@ class AttackConfig(_DataOptions, _EngineOptions):
     the same name; ``analyze`` makes it an analysis of finished runs."""
 
     model: str | None = option(None, "Base classifier (.keras file giving logits).", "string")
+    denoiser: str | None = option(
+        None, "Denoised smoothing: a denoiser (.keras, noisy image -> image) between the "
+        "defense's randomization and --model (as tfcert-certify --denoiser); the attacked "
+        "model is then model(denoiser(defense(x))), whitebox through all three.", "string")
     defense: str = option(
         "none", "none; gaussian (N(0, σ²) noise, one draw); randdisc / randmix (Zhang & Liang, "
         "k = --num_clusters, σ, τ); smoothed (majority vote of --num_votes noisy draws, STN "

@@ -90,8 +90,10 @@ def attack(config: AttackConfig) -> Rows | None:
     pipeline_options = _pipeline_options(config)
     examples = cli.select_examples(config, shard=False)
     models = _load_models({"model": config.model, "source_model": config.source_model},
-                          examples, config.dataset)
+                          examples, config.dataset, config.denoiser)
     record = robust_accuracy.run_config(config, config.to_dict())
+    if config.denoiser is not None:  # only then: older runs' identities stay the same
+        record["denoiser_sha256"] = cli.file_sha256(config.denoiser)
     robust_accuracy.check_randomness(config.output_dir)
     task = robust_accuracy.AttackTask(_task_options(record, config.engine), grid,
                                       examples.indices)
