@@ -9,6 +9,11 @@
 # DATASET (default mnist_subset) trains and certifies on another dataset, e.g.
 #   DATASET=fashion_mnist bash scripts/compare_objectives.sh 0.5 200 2000 stn_paper
 #
+# denoiser_mse, denoiser_stab, denoiser_stab_mse train a denoiser (train.py --method=denoiser,
+# Salman et al.'s objectives) for the `standard` model (trained first if missing) and certify
+# standard ∘ denoiser (certify.py --denoiser), e.g.
+#   bash scripts/compare_objectives.sh 0.5 200 2000 standard denoiser_mse denoiser_stab denoiser_stab_mse
+#
 # Budget rule (the same for every objective): 10% of the training split held out, at most
 # 15 epochs, stop after 3 epochs without a better validation accuracy under one fixed draw
 # of N(0, σ²) noise, keep the best epoch.  Resumable: a finished model or certificate is
@@ -39,19 +44,31 @@ method_flags() {
     stn_code) echo "--method=stn --stability_target=stn_code" ;;
     smoothadv) echo "--method=smoothadv --warmup_epochs=3" ;;  # warm-up scaled to the budget
     standard|gaussian|consistency|macer) echo "--method=$1" ;;
+    denoiser_mse|denoiser_stab|denoiser_stab_mse)
+      echo "--method=denoiser --denoiser_objective=${1#denoiser_} --classifier=$OUT/standard/train/model.keras" ;;
     *) echo "unknown objective $1" >&2; return 1 ;;
   esac
 }
 
 TSVS=()
-for name in "${METHODS[@]}"; do
+train() {  # train NAME: the model (or denoiser) of objective NAME, kept once finished
+  local name=$1 flags
   flags=$(method_flags "$name")
   if [ ! -f "$OUT/$name/train/model.keras" ]; then
     # shellcheck disable=SC2086
     "$PY" train.py --dataset="$DATASET" $flags --sigma="$SIGMA" --validation_split=0.1 \
       --patience=3 --epochs=15 --output_dir="$OUT/$name/train" --verbose=2
   fi
-  "$PY" certify.py --model="$OUT/$name/train/model.keras" --dataset="$DATASET" \
+}
+
+for name in "${METHODS[@]}"; do
+  model=(--model="$OUT/$name/train/model.keras")
+  if [[ $name == denoiser_* ]]; then
+    train standard
+    model=(--model="$OUT/standard/train/model.keras" --denoiser="$OUT/$name/train/model.keras")
+  fi
+  train "$name"
+  "$PY" certify.py "${model[@]}" --dataset="$DATASET" \
     --sigma="$SIGMA" --num_examples="$NUM_EXAMPLES" --num_samples="$NUM_SAMPLES" --alpha=0.001 \
     --bounds=renyi,cohen --max_radius="$MAX_RADIUS" --grid_points="$GRID_POINTS" \
     --output_dir="$OUT/$name/certify"
