@@ -8,13 +8,21 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run_in_process
 from tfcert import cli, results, robust_accuracy
 
 
-def attack(*args):
+def attack_process(*args):
+    """``tfcert-attack`` in a new Python (the script itself: flag parsing, exit status)."""
     return subprocess.run([sys.executable, "-m", "tfcert.scripts.attack", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
+
+
+def attack(*args):
+    """``tfcert-attack``'s run in this process (`tfcert.runs.attack`, conftest.run_in_process)."""
+    from tfcert import runs
+
+    return run_in_process(runs.attack, runs.AttackConfig, args)
 
 
 def one_line_error(proc) -> str:
@@ -190,3 +198,14 @@ def test_a_run_of_the_per_batch_seeding_is_refused(digits_model, tmp_path):
     assert "older tfcert-attack that seeded the attack randomness per batch" in one_line_error(
         proc)
     assert sorted(p.name for p in out.iterdir()) == ["config.json"]
+
+
+def test_the_script_runs_and_refuses_a_bad_flag_in_one_line(digits_model, tmp_path):
+    """The console script itself (the other tests run its run in-process): a tiny sweep,
+    and absl's refusal of an out-of-range flag as one ``error:`` line."""
+    done = attack_process(f"--model={digits_model}", "--dataset=digits", "--eps=0.05",
+                          "--num_examples=2", "--steps=2", f"--output_dir={tmp_path / 'o'}")
+    assert done.returncode == 0, done.stderr
+    assert len(results.read_tsv(str(tmp_path / "o" / "attack.tsv"))) == 2
+    one_line_error(attack_process("--steps=0", f"--output_dir={tmp_path / 'bad'}"))
+    assert not (tmp_path / "bad").exists()

@@ -10,13 +10,21 @@ import zipfile
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run_in_process
 from tfcert import results
 
 
-def certify(*args, **kwargs):
+def certify_process(*args, **kwargs):
+    """``certify.py`` in a new Python (the script itself: flag parsing, exit status)."""
     return subprocess.run([sys.executable, os.path.join(ROOT, "certify.py"), *args],
                           capture_output=True, text=True, timeout=600, **kwargs)
+
+
+def certify(*args):
+    """``certify.py``'s run in this process (`tfcert.runs.certify`, conftest.run_in_process)."""
+    from tfcert import runs
+
+    return run_in_process(runs.certify, runs.CertifyConfig, args)
 
 
 def common(model, out, count=30):
@@ -207,7 +215,7 @@ def test_corrupt_model_file(tmp_path, content, message):
 
 @pytest.mark.parametrize("flag", ["--num_samples=0", "--no_such_flag=1"])
 def test_unparsable_flag_is_one_error_line(tmp_path, flag):
-    result = certify(flag, f"--output_dir={tmp_path}/o")
+    result = certify_process(flag, f"--output_dir={tmp_path}/o")  # absl's parsing itself
     assert result.returncode == 1, result.stderr
     assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
 

@@ -7,8 +7,7 @@
   MaxPooling" and nothing more is published; we use the VGG-style stack
   2x Conv(64) - pool - 2x Conv(128) - pool - 3x Conv(256) - pool, 3x3 'same' convs
   with ReLU, then Dense 256-ReLU, Dropout 0.5, Dense k.
-- ``small_cnn``: a tiny CNN for 8x8 ``digits`` and fast tests (``trained_small_cnn``:
-  trained in seconds under Gaussian noise).
+- ``small_cnn``: a tiny CNN for 8x8 ``digits`` and fast tests.
 - ``dncnn``: the DnCNN denoiser (Zhang et al. 2017) of denoised smoothing
   (:mod:`tfcert.denoising`): it maps a noisy image to a denoised image, not to logits;
   ``denoised(denoiser, classifier)`` chains the two into one classifier.
@@ -118,30 +117,6 @@ def denoised(denoiser: keras.Model, classifier: keras.Model) -> keras.Model:
 def with_denoiser(classifier: keras.Model, denoiser: keras.Model | None) -> keras.Model:
     """``classifier``, or `denoised` ``(denoiser, classifier)`` when a denoiser is given."""
     return classifier if denoiser is None else denoised(denoiser, classifier)
-
-
-def trained_small_cnn(sigma: float) -> keras.Model:
-    """`small_cnn` trained for 6 epochs (seconds on a CPU) on sklearn digits, the train
-    split twice, each copy under Gaussian noise of std ``sigma`` (seed 0): the model of
-    the export benchmark (`benchmarks/export_latency.py`) and of tests/test_export.py.
-
-    Example:
-
-    >>> model = tfcert.models.trained_small_cnn(0.25)   # logits for 8x8x1 digits
-    """
-    import numpy as np
-
-    from tfcert import data
-
-    x, y = data.load_arrays("digits", "train")
-    keras.utils.set_random_seed(0)
-    noisy = np.concatenate([x, x])
-    noisy = noisy + np.random.default_rng(0).normal(0, sigma, noisy.shape).astype(np.float32)
-    model = small_cnn()
-    model.compile(keras.optimizers.Adam(3e-3),
-                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    model.fit(noisy, np.concatenate([y, y]), epochs=6, batch_size=128, verbose=0)
-    return model
 
 
 def keras_application(name: str, input_shape, num_classes: int,
