@@ -44,8 +44,11 @@ method_flags() {
     stn_code) echo "--method=stn --stability_target=stn_code" ;;
     smoothadv) echo "--method=smoothadv --warmup_epochs=3" ;;  # warm-up scaled to the budget
     standard|gaussian|consistency|macer) echo "--method=$1" ;;
-    denoiser_mse|denoiser_stab|denoiser_stab_mse)
+    denoiser_mse|denoiser_stab)
       echo "--method=denoiser --denoiser_objective=${1#denoiser_} --classifier=$OUT/standard/train/model.keras" ;;
+    # MSE pre-training shorter than the patience, or the budget rule stops before Stab starts
+    denoiser_stab_mse)
+      echo "--method=denoiser --denoiser_objective=stab_mse --denoiser_mse_epochs=2 --classifier=$OUT/standard/train/model.keras" ;;
     *) echo "unknown objective $1" >&2; return 1 ;;
   esac
 }
