@@ -254,3 +254,22 @@ def test_attack_run_with_a_denoiser_attacks_the_composition(saved_pair, tmp_path
     assert len(rows) == 8
     recorded = json.loads((tmp_path / "attack" / "config.json").read_text())
     assert recorded["denoiser_sha256"] == cli.file_sha256(saved_pair["denoiser"])
+
+
+def test_denoiser_model_trains_under_mixed_precision(clean_classifier, digits):
+    """Under Keras's mixed_bfloat16 policy the DnCNN computes in bfloat16, its output (and
+    so the losses) stays float32, and fit runs (the classifier keeps its float32 policy:
+    it was built before)."""
+    policy = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        denoiser = models.dncnn((8, 8, 1), depth=3, filters=8)
+        model = tfcert.DenoiserModel(denoiser, SIGMA, "stab", classifier=clean_classifier,
+                                     seed=4)
+        model.compile(optimizer=keras.optimizers.Adam(1e-3))
+        history = model.fit(digits[0][:256], epochs=2, batch_size=64, verbose=0).history
+    finally:
+        keras.mixed_precision.set_global_policy(policy)
+    assert denoiser.layers[1].compute_dtype == "bfloat16"
+    assert denoiser(digits[2][:4]).dtype == tf.float32
+    assert np.all(np.isfinite(history["loss"])) and np.all(np.isfinite(history["mse"]))
