@@ -69,6 +69,8 @@ def test_denoiser_model_refuses_bad_arguments(clean_classifier):
                             ({"sigma": float("nan")}, "sigma must be finite and > 0")):
         with pytest.raises(ValueError, match=message):
             tfcert.DenoiserModel(denoiser, **{"sigma": SIGMA, **kwargs})
+    with pytest.raises(ValueError, match="compile it with an optimizer only"):
+        tfcert.DenoiserModel(denoiser, SIGMA).compile("adam", loss="mse")
     squeeze = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(1, 2)])
     with pytest.raises(ValueError, match="of its input's shape"):
         tfcert.DenoiserModel(squeeze, SIGMA)
@@ -130,7 +132,11 @@ def test_denoiser_model_save_load_round_trip(clean_classifier, digits, tmp_path)
     assert (loaded.objective, loaded.sigma, loaded.seed) == ("stab", SIGMA, 2)
     noisy = digits[2][:8] + 0.1
     np.testing.assert_allclose(loaded(noisy), model(noisy), rtol=1e-6, atol=1e-6)  # float32
-    loaded.fit(digits[0][:128], epochs=1, batch_size=64, verbose=0)  # resumes training
+    # the optimizer's state comes back too (training resumes where it stopped)
+    assert int(loaded.optimizer.iterations) == int(model.optimizer.iterations) == 4
+    for saved, restored in zip(model.optimizer.variables, loaded.optimizer.variables):
+        np.testing.assert_array_equal(saved, restored)
+    loaded.fit(digits[0][:128], epochs=1, batch_size=64, verbose=0)
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ TWO_DEVICE_CHECKS = """
 import keras
 import numpy as np
 from tfcert import adversarial_training, data, devices, models, training
+from tfcert.denoising import DenoiserModel
 from tfcert.layers import GaussianNoise
 from tfcert.sequential import StoppingRule, certify_sequential
 from tfcert.smoothing import SmoothedClassifier
@@ -88,6 +89,10 @@ OBJECTIVES = {
     "smoothadv": lambda b: training.wrap(b, "smoothadv", 0.25, seed=0, steps=2),
     "pgd": lambda b: adversarial_training.wrap(b, "pgd", 0.1, steps=2, seed=0),
     "trades": lambda b: adversarial_training.wrap(b, "trades", 0.1, steps=2, seed=0),
+    # denoised smoothing: a DnCNN trained for the frozen classifier b
+    "denoiser_stab_mse": lambda b: DenoiserModel(models.dncnn((8, 8, 1), depth=3, filters=8),
+                                                 0.25, "stab_mse", classifier=b, mse_steps=1,
+                                                 seed=0),
 }
 fits = {}
 devices.set_precision("mixed_float16")
@@ -95,7 +100,8 @@ for name, make in OBJECTIVES.items():
     with two.scope():
         keras.utils.set_random_seed(0)
         model = make(models.small_cnn())
-        model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model.compile("adam", None if isinstance(model, DenoiserModel)  # its own objective
+                      else keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     start = [w.numpy() for w in model.trainable_weights]
     history = model.fit(x, y, batch_size=32, epochs=1, verbose=0).history  # 2 steps
     fits[name] = {"losses": [float(v[0]) for k, v in history.items() if k.endswith("loss")],
@@ -148,7 +154,7 @@ def test_every_objective_fits_on_two_replicas_under_mixed_float16(two_devices):
     fits = two_devices["fits"]
     assert sorted(fits) == sorted(["standard", "gaussian", "stn_paper", "stn_stop_gradient",
                                    "stn_stn_code", "consistency", "macer", "smoothadv", "pgd",
-                                   "trades"])
+                                   "trades", "denoiser_stab_mse"])
     for name, fit in fits.items():
         assert all(np.isfinite(fit["losses"])) and fit["losses"], (name, fit)
         assert fit["logits"] == "float32", (name, fit)  # the models' logits layer is float32

@@ -97,6 +97,22 @@ class DenoiserModel(keras.Model):
             else ("loss", "mse", "stability_loss", "agreement"))}
         self.built = denoiser.built
 
+    def compile(self, optimizer="adam", loss=None, **kwargs):
+        """``keras.Model.compile`` with an optimizer only: the objective is the model's own
+        (``objective=``), so a ``loss`` is refused rather than silently ignored."""
+        if loss is not None:
+            raise ValueError(f"DenoiserModel trains its own objective ({self.objective!r}); "
+                             "compile it with an optimizer only, not a loss")
+        super().compile(optimizer=optimizer, **kwargs)
+
+    def compile_from_config(self, config: dict) -> None:
+        """Restores the compiled optimizer when a saved model is loaded (as
+        ``keras.Model.compile_from_config``, which skips models with their own `compile`)."""
+        config = keras.saving.deserialize_keras_object(config)
+        self.compile(**config)
+        if self.built:
+            self.optimizer.build(self.trainable_variables)  # so its saved state loads
+
     @property
     def metrics(self) -> list[keras.metrics.Metric]:
         return list(self.trackers.values())
