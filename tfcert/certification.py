@@ -152,9 +152,8 @@ class CertifyTask:
 
     def __init__(self, options: Any, columns: Sequence[str], images_per_step: int):
         self.options, self.columns, self.images_per_step = options, list(columns), images_per_step
-        self.models = {"model": (options.model, options.model_sha256)}
-        if getattr(options, "denoiser", None):  # runs of older versions have no denoiser
-            self.models["denoiser"] = (options.denoiser, options.denoiser_sha256)
+        self.models = {"model": (options.model, options.model_sha256),
+                       **cli.denoiser_file(options)}
 
     def steps(self, todo: list[str]) -> list[tuple[int, ...]]:
         return [tuple(int(i) for i in todo[s:s + self.images_per_step])

@@ -237,6 +237,28 @@ def load_model(path: str):
                        "by train.py or model.save()?") from err
 
 
+def denoised_model(classifier, denoiser_path: str):
+    """``(denoiser, classifier ∘ denoiser)`` for the denoiser file ``denoiser_path``
+    (`tfcert.models.denoised`); a one-line `CliError` if its output does not fit the
+    classifier's input."""
+    from tfcert.models import denoised
+
+    denoiser = load_model(denoiser_path)
+    try:
+        return denoiser, denoised(denoiser, classifier)
+    except ValueError as err:
+        raise CliError(f"--denoiser={denoiser_path}: {err}") from err
+
+
+def denoiser_file(options) -> dict[str, tuple[str, str]]:
+    """``{"denoiser": (path, sha256)}`` of a run whose options name a denoiser, else ``{}``
+    (runs of older versions have no such option): the task's model files beside
+    ``"model"``."""
+    if getattr(options, "denoiser", None):
+        return {"denoiser": (options.denoiser, options.denoiser_sha256)}
+    return {}
+
+
 def file_sha256(path: str) -> str:
     """Hex SHA-256 of a file (records exactly which model a run used)."""
     import hashlib

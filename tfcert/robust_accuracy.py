@@ -206,8 +206,7 @@ class AttackTask:
         self.models = {"model": (options.model, options.model_sha256)}
         if options.source_model:
             self.models["source_model"] = (options.source_model, options.source_model_sha256)
-        if getattr(options, "denoiser", None):  # runs of older versions have no denoiser
-            self.models["denoiser"] = (options.denoiser, options.denoiser_sha256)
+        self.models.update(cli.denoiser_file(options))
 
     def steps(self, todo: list[str]) -> list[tuple[tuple[float, ...], tuple[int, ...]]]:
         return plan(self.options, self.grid, self.indices, set(todo))

@@ -51,9 +51,8 @@ def certify(config: CertifyConfig) -> Rows | None:
     pipeline_options = _pipeline_options(config)
     examples = cli.select_examples(config)
     models = _load_models({"model": config.model}, examples, config.dataset, config.denoiser)
-    record = {**config.to_dict(), "model_sha256": cli.file_sha256(config.model)}
-    if config.denoiser is not None:  # only then: older runs' identities stay the same
-        record["denoiser_sha256"] = cli.file_sha256(config.denoiser)
+    record = {**config.to_dict(), "model_sha256": cli.file_sha256(config.model),
+              **_denoiser_hash(config)}
     certifier = certification.make_certifier(config)
     task = certification.CertifyTask(_task_options(record, config.engine),
                                      certification.table_columns(certifier),
@@ -91,9 +90,7 @@ def attack(config: AttackConfig) -> Rows | None:
     examples = cli.select_examples(config, shard=False)
     models = _load_models({"model": config.model, "source_model": config.source_model},
                           examples, config.dataset, config.denoiser)
-    record = robust_accuracy.run_config(config, config.to_dict())
-    if config.denoiser is not None:  # only then: older runs' identities stay the same
-        record["denoiser_sha256"] = cli.file_sha256(config.denoiser)
+    record = {**robust_accuracy.run_config(config, config.to_dict()), **_denoiser_hash(config)}
     robust_accuracy.check_randomness(config.output_dir)
     task = robust_accuracy.AttackTask(_task_options(record, config.engine), grid,
                                       examples.indices)
@@ -125,15 +122,15 @@ def _load_models(paths: Mapping[str, str | None], examples: cli.Selection, datas
             models[name] = cli.load_model(path)
             base = models[name]
             if name == "model" and denoiser is not None:
-                from tfcert.models import denoised
-
-                models["denoiser"] = cli.load_model(denoiser)
-                try:
-                    base = denoised(models["denoiser"], base)
-                except ValueError as err:
-                    raise cli.CliError(f"--denoiser={denoiser}: {err}") from err
+                models["denoiser"], base = cli.denoised_model(base, denoiser)
             cli.check_model_fits(base, examples.meta, path, dataset)
     return models
+
+
+def _denoiser_hash(config: CertifyConfig | AttackConfig) -> dict[str, str]:
+    """``{"denoiser_sha256": ...}`` when the run has a denoiser, else ``{}`` (so the
+    identities of runs without one stay what they were)."""
+    return {} if config.denoiser is None else {"denoiser_sha256": cli.file_sha256(config.denoiser)}
 
 
 def _task_options(record: dict[str, Any], engine: str) -> argparse.Namespace:

@@ -96,12 +96,7 @@ def run(argv: list[str]) -> None:
     metadata = {"model": FLAGS.model, "model_sha256": cli.file_sha256(FLAGS.model),
                 "flags": cli.script_flags()}
     if FLAGS.denoiser is not None:
-        from tfcert.models import denoised
-
-        try:
-            model = denoised(cli.load_model(FLAGS.denoiser), model)
-        except ValueError as err:
-            raise cli.CliError(f"--denoiser={FLAGS.denoiser}: {err}") from err
+        _, model = cli.denoised_model(model, FLAGS.denoiser)
         metadata.update(denoiser=FLAGS.denoiser,
                         denoiser_sha256=cli.file_sha256(FLAGS.denoiser))
     image_shape, num_classes = model_geometry(model)
