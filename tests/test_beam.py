@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run_in_process
 from tfcert import results
 
 TWO_WORKERS = ("--runner=DirectRunner --direct_num_workers=2 "
@@ -37,6 +37,21 @@ def attack(*args, env=None, **kwargs):
     return run_script(ATTACK, *args, env=env, **kwargs)
 
 
+def certify_here(*args):
+    """``certify.py``'s run in this process (conftest.run_in_process): for the local
+    engine and Beam's in-process runner, whose runs need no worker processes."""
+    from tfcert import runs
+
+    return run_in_process(runs.certify, runs.CertifyConfig, args)
+
+
+def attack_here(*args):
+    """``tfcert-attack``'s run in this process, as `certify_here`."""
+    from tfcert import runs
+
+    return run_in_process(runs.attack, runs.AttackConfig, args)
+
+
 def common(model, out, count=8, samples=300):
     return [f"--model={model}", "--dataset=digits", "--sigma=0.25", f"--num_examples={count}",
             f"--num_samples={samples}", "--images_per_step=2", "--bounds=renyi,cohen",
@@ -59,7 +74,7 @@ def rows_of(out):
 def local_run(digits_model, tmp_path_factory):
     """The local engine's run directory for `common` (the rows every Beam run must equal)."""
     out = tmp_path_factory.mktemp("local") / "run"
-    done = certify(*common(digits_model, out))
+    done = certify_here(*common(digits_model, out))
     assert done.returncode == 0, done.stderr
     return out
 
@@ -89,23 +104,29 @@ def test_two_worker_pipeline_writes_the_local_engines_rows(digits_model, local_r
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("options, failure, seen", [
-    # FnApiRunner fails the pipeline; the engine reruns the steps without rows
-    (TWO_WORKERS, "2", "attempt 1 failed (RuntimeError: injected failure at index 2"),
+@pytest.mark.parametrize("options, failure, seen, here", [
+    # FnApiRunner fails the pipeline; the engine reruns the steps without rows (the same
+    # runner in this process as with worker processes: run here, no worker start-up)
+    (IN_PROCESS, "2", "attempt 1 failed (injected failure at index 2", True),
     # a worker process dies: FnApiRunner would hang; the engine's watch fails the run instead
-    (TWO_WORKERS, "2:exit", "attempt 1 failed (a Beam worker process died"),
+    (TWO_WORKERS, "2:exit", "attempt 1 failed (a Beam worker process died", False),
     # this runner retries the failed bundle itself: no engine retry
-    ("--runner=BundleBasedDirectRunner", "2", "injected failure at index 2"),
+    ("--runner=BundleBasedDirectRunner", "2", "injected failure at index 2", True),
 ], ids=["worker_raises", "worker_process_dies", "runner_retries_bundle"])
 def test_a_failed_worker_loses_and_duplicates_no_row(digits_model, local_run, tmp_path,
-                                                     beam_installed, options, failure, seen):
+                                                     beam_installed, monkeypatch, caplog,
+                                                     options, failure, seen, here):
     """The injected failure strikes after the step's part file is written: the worst
     moment for duplicates (the retry finds the rows of the failed attempt)."""
     out = tmp_path / "beam"
-    done = certify(*beam(digits_model, out, options),
-                   env={"TFCERT_BEAM_INJECT_FAILURE": failure})
+    if here:
+        monkeypatch.setenv("TFCERT_BEAM_INJECT_FAILURE", failure)
+        done = certify_here(*beam(digits_model, out, options))
+    else:
+        done = certify(*beam(digits_model, out, options),
+                       env={"TFCERT_BEAM_INJECT_FAILURE": failure})
     assert done.returncode == 0, done.stderr
-    assert seen in done.stderr
+    assert seen in done.stderr + caplog.text  # here, Beam logs a retried bundle's error
     engine_retried = "warning: Beam pipeline attempt 1 failed" in done.stderr
     assert engine_retried == ("BundleBased" not in options)
     rows = rows_of(out)
@@ -140,24 +161,24 @@ def test_resume_after_a_kill_certifies_only_the_missing_examples(digits_model, t
     # the killed run's rows are kept as they were (their seconds too: not recomputed)
     assert all(r == kept[r["index"]] for r in rows if r["index"] in kept)
     local = tmp_path / "local"
-    reference = certify(*common(digits_model, local, count=24, samples=2000))
+    reference = certify_here(*common(digits_model, local, count=24, samples=2000))
     assert reference.returncode == 0, reference.stderr
     assert without_seconds(rows) == without_seconds(rows_of(local))
 
 
 @pytest.mark.parametrize("script", ["certify", "attack"])
-@pytest.mark.slow
-def test_without_beam_a_one_line_error(digits_model, tmp_path, script):
-    shim = tmp_path / "shim" / "apache_beam"
-    shim.mkdir(parents=True)
-    (shim / "__init__.py").write_text(  # what Python raises when the package is absent
-        'raise ModuleNotFoundError("No module named \'apache_beam\'", name="apache_beam")\n')
-    path = os.pathsep.join([str(tmp_path / "shim"), ROOT, os.environ.get("PYTHONPATH", "")])
+def test_without_beam_a_one_line_error(digits_model, tmp_path, monkeypatch, script):
+    # What Python raises when the package is absent: ModuleNotFoundError(name="apache_beam").
+    import tfcert
+
+    monkeypatch.setitem(sys.modules, "apache_beam", None)
+    monkeypatch.delitem(sys.modules, "tfcert.beam_pipeline", raising=False)
+    monkeypatch.delattr(tfcert, "beam_pipeline", raising=False)  # imported again, and fails
     out = tmp_path / "o"
     if script == "certify":
-        result = certify(*beam(digits_model, out, TWO_WORKERS), env={"PYTHONPATH": path})
+        result = certify_here(*beam(digits_model, out, TWO_WORKERS))
     else:
-        result = attack(*attack_beam(digits_model, out, TWO_WORKERS), env={"PYTHONPATH": path})
+        result = attack_here(*attack_beam(digits_model, out, TWO_WORKERS))
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == MISSING
     assert not out.exists()
@@ -238,38 +259,30 @@ def by_eps_and_index(rows):
 def local_attack(digits_model, tmp_path_factory):
     """The local engine's attack run for `attack_common` (batch size 3)."""
     out = tmp_path_factory.mktemp("local_attack") / "run"
-    done = attack(*attack_common(digits_model, out))
+    done = attack_here(*attack_common(digits_model, out))
     assert done.returncode == 0, done.stderr
     return out
 
 
 @pytest.mark.slow
-def test_two_worker_attack_pipeline_writes_the_local_engines_rows(digits_model, local_attack,
-                                                                  tmp_path, beam_installed):
-    out = tmp_path / "beam"
-    done = attack(*attack_beam(digits_model, out, TWO_WORKERS))
-    assert done.returncode == 0, done.stderr
-    assert by_eps_and_index(attack_rows(out)) == by_eps_and_index(attack_rows(local_attack))
-    assert [r["key"] for r in attack_rows(out)] == [f"{e}/{i}" for e in ("0.05", "0.1")
-                                                    for i in range(8)]
-    for name in ("summary.txt", "robust_accuracy.tsv"):
-        assert (out / name).read_text() == (local_attack / name).read_text(), name
-    assert (out / "robust_accuracy.png").exists() and not (out / "beam_parts").exists()
-    assert "robust accuracy" in done.stdout
-
-
-@pytest.mark.slow
-def test_a_killed_attack_worker_loses_and_duplicates_no_row(digits_model, local_attack,
-                                                            tmp_path, beam_installed):
-    """The worker process of example 2's steps dies after writing its part file."""
+def test_two_worker_attack_pipeline_with_a_killed_worker_writes_the_local_engines_rows(
+        digits_model, local_attack, tmp_path, beam_installed):
+    """Two worker processes; the one of example 2's steps dies after writing its part
+    file: no row lost or duplicated, and the run equals the local engine's.  (One run
+    tests both: the two-worker pipeline and the killed worker were separate tests, each
+    paying the two workers' start-up.)"""
     out = tmp_path / "beam"
     done = attack(*attack_beam(digits_model, out, TWO_WORKERS),
                   env={"TFCERT_BEAM_INJECT_FAILURE": "2:exit"})
     assert done.returncode == 0, done.stderr
     assert "attempt 1 failed (a Beam worker process died" in done.stderr
     rows = attack_rows(out)
-    assert sorted(r["key"] for r in rows) == sorted({r["key"] for r in rows})  # each once
+    assert [r["key"] for r in rows] == [f"{e}/{i}" for e in ("0.05", "0.1") for i in range(8)]
     assert by_eps_and_index(rows) == by_eps_and_index(attack_rows(local_attack))
+    for name in ("summary.txt", "robust_accuracy.tsv"):
+        assert (out / name).read_text() == (local_attack / name).read_text(), name
+    assert (out / "robust_accuracy.png").exists() and not (out / "beam_parts").exists()
+    assert "robust accuracy" in done.stdout
 
 
 @pytest.mark.slow
@@ -278,7 +291,7 @@ def test_attack_resume_computes_only_the_missing_rows(digits_model, local_attack
     """A partly finished run (rows in attack.tsv and in a part file of a killed Beam run)
     is resumed: those rows are kept as they were (their seconds too), the rest computed."""
     out = tmp_path / "beam"
-    first = attack(*attack_beam(digits_model, out, IN_PROCESS))
+    first = attack_here(*attack_beam(digits_model, out, IN_PROCESS))
     assert first.returncode == 0, first.stderr
     rows = attack_rows(out)
     header = (out / "attack.tsv").read_text().splitlines()[0]
@@ -292,7 +305,7 @@ def test_attack_resume_computes_only_the_missing_rows(digits_model, local_attack
     # a recomputed part of these rows would sort before this one and win: its seconds differ
     (out / "beam_parts" / "part-0000000005-killed-2.tsv").write_text(tsv_text(kept_part))
     (out / "summary.txt").unlink()
-    resumed = attack(*attack_beam(digits_model, out, IN_PROCESS))
+    resumed = attack_here(*attack_beam(digits_model, out, IN_PROCESS))
     assert resumed.returncode == 0, resumed.stderr
     after = {r["key"]: r for r in attack_rows(out)}
     assert len(after) == 16 and all(after[r["key"]] == r for r in kept_tsv + kept_part)
