@@ -53,7 +53,7 @@ def write_folder(images: np.ndarray, labels: np.ndarray, folder: str) -> None:
 
 def train_classifier(images: np.ndarray, labels: np.ndarray, path: str) -> None:
     """A small CNN of [0, 255] pixels giving logits, trained with plain Keras under noise
-    of σ = 0.25 on the [0, 1] scale (64 on [0, 255]), saved to ``path``.
+    of σ = 0.25 on the [0, 1] scale (after its own rescaling), saved to ``path``.
 
     Args:
         images: uint8 RGB images [N, H, W, 3].
@@ -65,8 +65,8 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, path: str) -> None:
     keras.utils.set_random_seed(0)
     model = keras.Sequential([
         keras.Input(images.shape[1:]),
-        keras.layers.GaussianNoise(0.25 * 255),  # training only, as Keras' layer is
         keras.layers.Rescaling(1 / 255),
+        keras.layers.GaussianNoise(0.25),  # training only, as Keras' layer is
         keras.layers.Conv2D(16, 3, padding="same", activation="relu"),
         keras.layers.Conv2D(32, 3, strides=2, padding="same", activation="relu"),
         keras.layers.Flatten(),
