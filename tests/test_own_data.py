@@ -320,8 +320,14 @@ def test_with_preprocessing_wraps_a_model_of_another_scale(tmp_path, arrays):
 
 @pytest.mark.slow  # a new Python importing TensorFlow and exporting: ≈ 15 s
 def test_export_reads_the_folder_for_geometry_and_class_names(folder, rgb_model, tmp_path):
+    import keras
+
+    from tfcert import models
+
+    wrapped = str(tmp_path / "wrapped.keras")  # loaded by a new Python: Preprocessing registered
+    models.with_preprocessing(keras.models.load_model(rgb_model), scale=1.0).save(wrapped)
     proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "export"), f"--model={rgb_model}", "--sigma=0.25",
+        [sys.executable, os.path.join(ROOT, "export"), f"--model={wrapped}", "--sigma=0.25",
          f"--dataset=dir:{folder}", "--num_samples=50", f"--base_dir={tmp_path}",
          "--name=own"], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr

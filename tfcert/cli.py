@@ -226,7 +226,7 @@ def load_model(path: str):
     """Loads a ``.keras`` model, with a clear error for a missing or corrupt file."""
     import keras
 
-    import tfcert  # noqa: F401  (registers tfcert's serializable classes)
+    import tfcert.layers  # noqa: F401  (registers tfcert's serializable layers)
 
     if not os.path.exists(path):
         raise CliError(f"model file {path} does not exist: train one with train.py "
