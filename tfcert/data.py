@@ -378,8 +378,6 @@ def _tfds_info(builder, image_size: tuple[int, int] | None) -> DatasetInfo:
 def _load_tfds(builder, split: str, download: bool, meta: DatasetInfo) -> tf.data.Dataset:
     """The prepared (or, with ``download``, downloaded) ``split`` of a tfds builder as
     float images in [0, 1] of ``meta.image_shape``."""
-    import tensorflow_datasets as tfds
-
     name = builder.info.name
     if not builder.is_prepared():
         if not download:
@@ -405,8 +403,7 @@ def _load_tfds(builder, split: str, download: bool, meta: DatasetInfo) -> tf.dat
 
     try:
         ds = builder.as_dataset(split=split, as_supervised=True, shuffle_files=False)
-    except (ValueError, KeyError, tfds.core.splits.ParseError if hasattr(
-            tfds.core.splits, "ParseError") else ValueError) as err:
+    except (ValueError, KeyError) as err:  # tfds' unknown split or bad slice
         raise DataError(f"unknown split {split!r} of {name} (splits: "
                         f"{', '.join(builder.info.splits)}; tfds slices such as "
                         f"test[:10%] work): {_first_line(err)}") from None
