@@ -78,9 +78,9 @@ def test_missing_dataset_says_how_to_get_it(tmp_path, monkeypatch):
 
 
 def test_unknown_names_are_rejected():
-    with pytest.raises(ValueError, match="unknown dataset"):
+    with pytest.raises(data.DataError, match="unknown --dataset=nope"):
         data.load("nope")
-    with pytest.raises(ValueError, match="unknown split"):
+    with pytest.raises(data.DataError, match="unknown split"):
         data.load_arrays("digits", "validation")
 
 

@@ -179,11 +179,17 @@ def worker_threads(pipeline_options: PipelineOptions) -> int | None:
 
 
 def worker_options(config: dict[str, Any]) -> argparse.Namespace:
-    """The run's options for the workers: a picklable namespace, a local ``data_dir``
-    made absolute (a worker need not share the driver's working directory)."""
-    data_dir = config.get("data_dir")
+    """The run's options for the workers: a picklable namespace, a local ``data_dir`` and
+    the path of a local ``dir:`` or ``npz:`` dataset made absolute (a worker need not share
+    the driver's working directory)."""
+    from tfcert import data
+
+    data_dir, dataset = config.get("data_dir"), config.get("dataset")
     if data_dir and is_local(data_dir):
         config = {**config, "data_dir": os.path.abspath(data_dir)}
+    prefix = next((p for p in data.FILE_PREFIXES if str(dataset).startswith(p)), None)
+    if prefix and is_local(dataset[len(prefix):]):
+        config = {**config, "dataset": prefix + os.path.abspath(dataset[len(prefix):])}
     return argparse.Namespace(**config)
 
 

@@ -39,10 +39,10 @@ class CliError(ValueError):
 
 
 def expected_errors() -> tuple[type[BaseException], ...]:
-    from tfcert.data import DataUnavailableError
+    from tfcert.data import DataError, DataUnavailableError
     from tfcert.results import RunConfigMismatchError
 
-    return (CliError, DataUnavailableError, RunConfigMismatchError, FileNotFoundError)
+    return (CliError, DataError, DataUnavailableError, RunConfigMismatchError, FileNotFoundError)
 
 
 def run(main: Callable[[list[str]], None]) -> None:
@@ -94,13 +94,14 @@ def import_tensorflow_quietly() -> None:
 
 
 class Selection(NamedTuple):
-    """The examples of a run: their indices in the split, images, labels, and the dataset's
-    `tfcert.data.DatasetInfo`."""
+    """The examples of a run: their indices in the split, images, labels, the dataset's
+    `tfcert.data.DatasetInfo` and what identifies the data read (`tfcert.data.Split`)."""
 
     indices: Any  # int array [n]
     images: Any  # float32 array [n, height, width, channels]
     labels: Any  # int array [n]
     meta: Any  # tfcert.data.DatasetInfo
+    identity: dict = {}  # tfcert.data.Split.identity: recorded in the run's config.json
 
     def subset(self, indices: Sequence[int]) -> "Selection":
         """The examples of ``indices`` (indices in the split), in that order.
@@ -116,7 +117,8 @@ class Selection(NamedTuple):
         require(not unknown, f"index {unknown[0] if unknown else ''} is not in the data "
                 "selection of this process: give it the driver's data options")
         p = [position[int(i)] for i in indices]
-        return Selection(self.indices[p], self.images[p], self.labels[p], self.meta)
+        return Selection(self.indices[p], self.images[p], self.labels[p], self.meta,
+                         self.identity)
 
 
 def select_examples(options: Any, shard: bool = True) -> Selection:
@@ -124,8 +126,9 @@ def select_examples(options: Any, shard: bool = True) -> Selection:
 
     Args:
         options: the run's options as attributes (a `tfcert.runs` config or a namespace):
-            ``num_examples`` examples of the ``split`` of ``dataset``, every ``stride``-th
-            after ``skip``.
+            ``num_examples`` examples of the ``split`` of ``dataset`` (any source of
+            `tfcert.data.read`, with ``data_dir``, ``download``, ``image_size``), every
+            ``stride``-th after ``skip``.
         shard: keep only the positions i of that selection with i mod ``num_shards`` =
             ``shard_index``.
 
@@ -137,9 +140,9 @@ def select_examples(options: Any, shard: bool = True) -> Selection:
     from tfcert import data
 
     f = options
-    require(f.dataset in data.DATASETS,
-            f"unknown --dataset={f.dataset}; choose one of {', '.join(data.DATASETS)}")
-    ds = data.load(f.dataset, f.split, f.data_dir, f.download).skip(f.skip).enumerate()
+    split = data.read(f.dataset, f.split, f.data_dir, f.download,
+                      getattr(f, "image_size", None))  # older runs' options lack it
+    ds = split.dataset.skip(f.skip).enumerate()
     ds = ds.filter(lambda i, _: i % f.stride == 0).take(f.num_examples)
     if shard:
         require(f.shard_index < f.num_shards,
@@ -151,7 +154,7 @@ def select_examples(options: Any, shard: bool = True) -> Selection:
     indices = np.array([f.skip + int(i) for i, _ in picked])
     images = np.stack([example[0] for _, example in picked]).astype(np.float32)
     labels = np.array([int(example[1]) for _, example in picked])
-    return Selection(indices, images, labels, data.info(f.dataset))
+    return Selection(indices, images, labels, split.info, split.identity)
 
 
 def eps_grid(eps: Sequence[str | float] | None, norm: str) -> list[float]:
@@ -177,18 +180,20 @@ def eps_grid(eps: Sequence[str | float] | None, norm: str) -> list[float]:
     return sorted(set(grid))
 
 
-def check_model_fits(model, meta, model_path: str, dataset: str) -> None:
+def check_model_fits(model, meta, model_path: str, dataset: Any) -> None:
     """One-line `CliError` unless ``model`` takes the images of ``dataset`` (its
     `DatasetInfo` ``meta``) and gives one logit per class."""
     expected = tuple(meta.image_shape)
     given = tuple(model.input_shape[1:]) if len(model.input_shape) > 1 else ()
     fits = len(given) == len(expected) and all(g in (None, e) for g, e in zip(given, expected))
     require(fits, f"model {model_path} takes images of shape {given}, but {dataset} has "
-            f"{expected}: pass the model trained on this --dataset")
+            f"{expected}: pass the model trained on this --dataset (or --image_size=H,W to "
+            "resize a folder's or a tfds dataset's images)")
     outputs = model.output_shape[-1]
     require(outputs == meta.num_classes,
             f"model {model_path} gives {outputs} outputs, but {dataset} has "
-            f"{meta.num_classes} classes: pass the model trained on this --dataset")
+            f"{meta.num_classes} classes (labels 0 to {meta.num_classes - 1}): pass the model "
+            "trained on this --dataset")
 
 
 def _run_flags():
@@ -221,7 +226,7 @@ def load_model(path: str):
     """Loads a ``.keras`` model, with a clear error for a missing or corrupt file."""
     import keras
 
-    import tfcert  # noqa: F401  (registers tfcert's serializable classes)
+    import tfcert.layers  # noqa: F401  (registers tfcert's serializable layers)
 
     if not os.path.exists(path):
         raise CliError(f"model file {path} does not exist: train one with train.py "

@@ -15,16 +15,22 @@
   ``preprocess_input`` inside the model, so it too takes [0, 1] images; ImageNet
   weights with ``weights="imagenet"`` (needs the weights file in the Keras cache).
 
+Any other model that expects [0, 255] pixels or normalized inputs is wrapped by
+``with_preprocessing(model, scale=255.0, mean=..., std=...)`` so that it takes [0, 1]
+images too: noise is then added on the [0, 1] scale of σ and ε, never on another.
+
 The logits are float32 under any Keras mixed-precision policy (the last layer computes
 in float32), so losses, softmaxes and argmaxes keep float32 resolution.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import keras
 from keras import layers
+
+from tfcert.layers.preprocessing import Preprocessing
 
 MODEL_NAMES = ("stn_mnist", "cifar_cnn", "small_cnn", "app:<Name>")
 
@@ -128,15 +134,42 @@ def keras_application(name: str, input_shape, num_classes: int,
     module = _application_module(name)
     backbone = constructor(include_top=True, weights=weights, input_shape=tuple(input_shape),
                            classes=num_classes, classifier_activation=None)
-    inputs = keras.Input(input_shape)
-    scaled = layers.Rescaling(255.0)(inputs)
-    outputs = backbone(module.preprocess_input(scaled))
+    model = with_preprocessing(backbone, 255.0, preprocess=module.preprocess_input,
+                               name=f"app_{name}")
     if keras.mixed_precision.global_policy().compute_dtype != "float32":
         # The backbone's classifier computes in the policy's 16-bit dtype: cast its
         # logits back, so that losses and argmaxes see float32 (Keras' mixed-precision
         # advice); under float32 the layer would be a no-op, so it is left out.
-        outputs = layers.Activation("linear", dtype="float32", name="logits")(outputs)
-    return keras.Model(inputs, outputs, name=f"app_{name}")
+        outputs = layers.Activation("linear", dtype="float32", name="logits")(model.outputs[0])
+        model = keras.Model(model.inputs, outputs, name=model.name)
+    return model
+
+
+def with_preprocessing(model: keras.Model, scale: float = 255.0,
+                       mean: float | Sequence[float] | None = None,
+                       std: float | Sequence[float] | None = None,
+                       preprocess: Callable | None = None, name: str | None = None) -> keras.Model:
+    """``model`` behind `tfcert.layers.Preprocessing`: a model that takes [0, 1] images
+    (tfcert's scale, that of σ and ε) from one that expects ``(scale · x − mean) / std``.
+
+    Args:
+        model: a Keras model of images at its own scale (e.g. [0, 255] pixels).
+        scale: its pixel range over [0, 1] (255.0 for [0, 255]; 1.0 for [0, 1]).
+        mean: subtracted after scaling, a number or one per channel (None: nothing).
+        std: divides after that, a number or one per channel (None: nothing).
+        preprocess: a function of Keras ops applied last (e.g. a ``keras.applications``
+            module's ``preprocess_input``).
+        name: the wrapped model's name (default: ``model``'s with ``_preprocessed``).
+
+    Example:
+
+    >>> imagenet_style = tfcert.models.with_preprocessing(
+    ...     model, scale=255.0, mean=[123.7, 116.3, 103.5], std=[58.4, 57.1, 57.4])
+    """
+    inputs = keras.Input(model.input_shape[1:])
+    scaled = Preprocessing(scale, mean, std)(inputs)
+    outputs = model(scaled if preprocess is None else preprocess(scaled))
+    return keras.Model(inputs, outputs, name=name or f"{model.name}_preprocessed")
 
 
 def _application_module(name: str):

@@ -27,7 +27,8 @@ def option(default: Any, help: str, kind: str, *, choices: tuple[str, ...] | Non
     Args:
         default: the default value (a tuple for a list option).
         help: the flag's help text.
-        kind: the absl flag type: string, integer, float, bool, list or enum.
+        kind: the absl flag type: string, integer, float, bool, list or enum; or dataset
+            (a string flag; from Python also images and labels, `tfcert.data.in_memory`).
         choices: the values of an enum option.
         lower_bound, upper_bound: the bounds of a number option.
     """
@@ -69,6 +70,10 @@ def _checked(field: dataclasses.Field, value: Any) -> Any:
     if kind == "list":
         items = value.split(",") if isinstance(value, str) else value
         return tuple(str(item) for item in items)
+    if kind == "dataset":
+        from tfcert import data
+
+        return value if isinstance(value, (str, data.Arrays)) else data.in_memory(value)
     if kind == "enum":
         cli.require(value in meta["choices"], f"{name} must be one of "
                     f"{', '.join(meta['choices'])}, got {value!r}")
@@ -98,20 +103,44 @@ def _finite(config: _Config, *names: str) -> None:
                     f"--{name} must be a finite number, got {value}")
 
 
-DATASETS_HELP = ("Dataset (see tfcert.data): mnist_subset, fashion_mnist, digits, mnist, "
-                 "cifar10, imagenet2012.")
+DATASETS_HELP = (
+    "Dataset (see tfcert.data): mnist_subset, fashion_mnist, digits, mnist, cifar10, "
+    "imagenet2012; any tensorflow-datasets image classification name (e.g. svhn_cropped, "
+    "cifar100); dir:PATH, a folder with one subfolder of images per class; npz:PATH, a NumPy "
+    "file with arrays x (uint8 in [0, 255] or float in [0, 1]) and y (int labels). A folder "
+    "or a file is one split. From Python also (x, y) arrays or a tf.data.Dataset.")
 DATA_DIR_HELP = "Folder with prepared tfds data or the Fashion-MNIST IDX files."
 DOWNLOAD_HELP = "Let tensorflow-datasets download the data (needs internet)."
+IMAGE_SIZE_HELP = ("H,W: resize the images of a dir: folder or a tfds dataset to this size "
+                   "(needed where they differ in size; default: their common size).")
+
+
+def _check_data(config: "_Config") -> None:
+    """Checks the data options a config has (``image_size``; arrays only with the local
+    engine)."""
+    from tfcert import data
+
+    try:
+        data.check_source(config.dataset)
+        data.parse_image_size(config.image_size)
+    except data.DataError as err:
+        raise cli.CliError(str(err)) from None
+    cli.require(getattr(config, "engine", "local") == "local" or isinstance(config.dataset, str),
+                "--engine=beam needs data its workers can read (a dataset name, dir:PATH or "
+                "npz:PATH), not arrays passed in Python")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class _DataOptions(_Config):
     """The dataset and example-selection options of the evaluation runs."""
 
-    dataset: str = option("mnist_subset", DATASETS_HELP, "string")
-    split: str = option("test", "Dataset split.", "enum", choices=("train", "test"))
+    dataset: "str | data.Arrays" = option("mnist_subset", DATASETS_HELP, "dataset")
+    split: str = option(
+        "test", "Dataset split: train or test; for other tfds datasets any tfds split string "
+        "(test[:10%]); ignored for dir:, npz: and arrays (one split each).", "string")
     data_dir: str | None = option(None, DATA_DIR_HELP, "string")
     download: bool = option(False, DOWNLOAD_HELP, "bool")
+    image_size: tuple[str, ...] | None = option(None, IMAGE_SIZE_HELP, "list")
     num_examples: int = option(500, "How many examples to certify or attack.", "integer",
                                lower_bound=1)
     skip: int = option(0, "Skip this many examples of the split first.", "integer",
@@ -242,6 +271,7 @@ class CertifyConfig(_DataOptions, _EngineOptions):
     def _check(self) -> None:
         if self.analyze or self.merge:
             return
+        _check_data(self)
         require = cli.require
         require(self.model is not None, "--model is required (a .keras file from train.py)")
         require(self.sigma is not None and self.sigma > 0, "--sigma must be > 0")
@@ -340,6 +370,7 @@ class AttackConfig(_DataOptions, _EngineOptions):
     def _check(self) -> None:
         if self.analyze:
             return
+        _check_data(self)
         from tfcert.robust_accuracy import attack_norm
 
         require = cli.require
@@ -361,13 +392,15 @@ class TrainConfig(_Config):
     """A training run (`tfcert.runs.train`, ``tfcert-train``): each field is the flag of the
     same name."""
 
-    dataset: str = option("mnist_subset", DATASETS_HELP, "string")
+    dataset: "str | data.Arrays" = option("mnist_subset", DATASETS_HELP, "dataset")
     data_dir: str | None = option(None, DATA_DIR_HELP, "string")
     download: bool = option(False, DOWNLOAD_HELP, "bool")
+    image_size: tuple[str, ...] | None = option(None, IMAGE_SIZE_HELP, "list")
     model: str | None = option(
         None, "Base classifier: stn_mnist, cifar_cnn, small_cnn or app:<keras.applications "
         "name>. Default: stn_mnist for 28x28 data, cifar_cnn for cifar10, small_cnn for "
-        "digits, app:ResNet50 for imagenet2012; dncnn (the denoiser) for --method=denoiser.",
+        "digits, app:ResNet50 for imagenet2012, for other data cifar_cnn (RGB) or stn_mnist; "
+        "dncnn (the denoiser) for --method=denoiser.",
         "string")
     method: str = option(
         "stn", "Training method: standard; gaussian (Gaussian augmentation, Cohen et al.); stn "
@@ -430,7 +463,9 @@ class TrainConfig(_Config):
                          lower_bound=1)
     validation_split: float = option(
         0.0, "Fraction of the training split held out (stratified, fixed by --seed) for "
-        "validation and --patience; 0 validates on the test split, for monitoring only.",
+        "validation and --patience; 0 validates on the test split, for monitoring only. Data "
+        "of one split (dir:, npz:, arrays) needs it > 0: the held-out part is then also the "
+        "test split of metrics.json.",
         "float", lower_bound=0.0, upper_bound=0.5)
     patience: int = option(
         0, "Stop when the validation accuracy under one fixed draw of N(0, σ²) noise "
@@ -461,15 +496,12 @@ class TrainConfig(_Config):
         "folder (off by default).", "string")
 
     def _check(self) -> None:
-        from tfcert import data
-
+        _check_data(self)
         require = cli.require
         require(self.strategy != "multi_worker",
                 "--strategy=multi_worker: Keras 3's model.fit does not run under "
                 "MultiWorkerMirroredStrategy (keras-team/keras#20585, open); train with "
                 "--strategy=mirrored on one machine's GPUs")
-        require(self.dataset in data.DATASETS, f"unknown --dataset={self.dataset}; choose one "
-                f"of {', '.join(data.DATASETS)}")
         require(self.method in ("standard", "pgd", "trades") or self.sigma > 0,
                 f"--method={self.method} needs --sigma > 0")
         require((self.method == "denoiser") == (self.classifier is not None),

@@ -3,8 +3,9 @@ local and the Beam engine.
 
 Before the work the driver refuses what cannot run (options, Beam's options, data, models
 that do not fit the data, a run directory of another run) before anything is written;
-then it locks and prepares the run directory (``config.json``: every option and the
-models' SHA-256, the run's identity), opens the run's TSV, has an engine compute the rows
+then it locks and prepares the run directory (``config.json``: every option, the
+models' SHA-256 and what identifies the data read, `tfcert.data.Split.identity`: the run's
+identity), opens the run's TSV, has an engine compute the rows
 the TSV lacks (`tfcert.runs.steps.run_local` or `tfcert.beam_pipeline.run_steps`, over the
 run's `tfcert.runs.steps.StepTask`) and writes the summaries.  The lock is released when
 the run ends, also by an error, so the same process can resume the run.
@@ -52,7 +53,7 @@ def certify(config: CertifyConfig) -> Rows | None:
     examples = cli.select_examples(config)
     models = _load_models({"model": config.model}, examples, config.dataset, config.denoiser)
     record = {**config.to_dict(), "model_sha256": cli.file_sha256(config.model),
-              **_denoiser_hash(config)}
+              **_denoiser_hash(config), **examples.identity}
     certifier = certification.make_certifier(config)
     task = certification.CertifyTask(_task_options(record, config.engine),
                                      certification.table_columns(certifier),
@@ -90,7 +91,8 @@ def attack(config: AttackConfig) -> Rows | None:
     examples = cli.select_examples(config, shard=False)
     models = _load_models({"model": config.model, "source_model": config.source_model},
                           examples, config.dataset, config.denoiser)
-    record = {**robust_accuracy.run_config(config, config.to_dict()), **_denoiser_hash(config)}
+    record = {**robust_accuracy.run_config(config, config.to_dict()), **_denoiser_hash(config),
+              **examples.identity}
     robust_accuracy.check_randomness(config.output_dir)
     task = robust_accuracy.AttackTask(_task_options(record, config.engine), grid,
                                       examples.indices)

@@ -11,7 +11,8 @@ regularizer's loss, accuracy, their val_ versions and val_noisy_accuracy) and
 ``metrics.json`` (clean test accuracy, accuracy under one draw of N(0, σ²) noise, epochs
 trained and the best epoch); with ``tensorboard_dir``, Keras TensorBoard logs too.
 Validation uses ``validation_split`` of the training split, or the test split when it is
-0 (monitoring only).  ``patience=P`` stops when the validation accuracy under noise has
+0 (monitoring only); data of one split (a folder, a file, arrays) needs a
+``validation_split``, which is then its test split too.  ``patience=P`` stops when the validation accuracy under noise has
 not improved for P epochs and keeps the best epoch's weights (``best.weights.h5``).
 
 An interrupted run resumes from its last finished epoch (``backup/``; the one before if
@@ -41,10 +42,15 @@ OPERATIONAL = frozenset({"data_dir", "download", "epochs", "output_dir", "verbos
                          "tensorboard_dir"})
 
 
-def default_model(dataset: str) -> str:
-    """The base classifier trained on ``dataset`` when the config names none."""
+def default_model(dataset: "str | data.Arrays", meta: "data.DatasetInfo") -> str:
+    """The base classifier trained on ``dataset`` (its `DatasetInfo` ``meta``) when the
+    config names none."""
+    from tfcert import data
+
+    named = dataset in data.DATASETS
+    other = "cifar_cnn" if meta.image_shape[-1] == 3 and not named else "stn_mnist"
     return {"digits": "small_cnn", "cifar10": "cifar_cnn",
-            "imagenet2012": "app:ResNet50"}.get(dataset, "stn_mnist")
+            "imagenet2012": "app:ResNet50"}.get(dataset, other)
 
 
 def default_denoiser() -> str:
@@ -76,13 +82,18 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 "--tensorboard_dir needs TensorBoard, which is not installed: pip install "
                 "tensorboard")
     strategy = distribution(c.strategy)
-    meta = data.info(c.dataset)
-    train_ds, val_ds = split_validation(data.load(c.dataset, "train", c.data_dir, c.download),
-                                        c.validation_split, c.seed)
-    test_ds = data.load(c.dataset, "test", c.data_dir, c.download)
+    single = data.single_split(c.dataset)
+    cli.require(not single or c.validation_split > 0,
+                f"--dataset={c.dataset} is one split: pass --validation_split (e.g. 0.2) to "
+                "hold out the validation and test examples")
+    train = data.read(c.dataset, "train", c.data_dir, c.download, c.image_size)
+    meta = train.info
+    train_ds, val_ds = split_validation(train.dataset, c.validation_split, c.seed)
+    test_ds = val_ds if single else data.load(c.dataset, "test", c.data_dir, c.download,
+                                                c.image_size)
     val_ds = test_ds if val_ds is None else val_ds
     model_name = c.model or (default_denoiser() if c.method == "denoiser"
-                             else default_model(c.dataset))
+                             else default_model(c.dataset, meta))
     keras.utils.set_random_seed(c.seed)
     devices.set_precision(c.mixed_precision)
     with strategy.scope():
@@ -103,7 +114,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         results.remove_files(c.output_dir, ("log.csv", "best.weights.h5", "model.keras",
                                             "metrics.json", "config.json"))
     # resuming an interrupted run with other settings is refused before anything is written
-    record = {**c.to_dict(), "model": model_name}
+    record = {**c.to_dict(), "model": model_name, **train.identity}
     if c.method == "denoiser":  # only then: older runs' identities stay the same
         record["classifier_sha256"] = cli.file_sha256(c.classifier)
     results.prepare_run_dir(c.output_dir, record, OPERATIONAL, TrainConfig.defaults())

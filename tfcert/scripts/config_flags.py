@@ -31,6 +31,8 @@ def define_flags(config_class: type[Config]) -> None:
             getattr(flags, f"DEFINE_{kind}")(name, default, meta["help"],
                                              lower_bound=meta["lower_bound"],
                                              upper_bound=meta["upper_bound"])
+        elif kind == "dataset":  # a name or path on the command line
+            flags.DEFINE_string(name, default, meta["help"])
         else:
             getattr(flags, f"DEFINE_{kind}")(name, default, meta["help"])
 

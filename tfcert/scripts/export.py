@@ -19,14 +19,19 @@ from __future__ import annotations
 from absl import flags
 
 from tfcert import cli
+from tfcert.runs.config import DATA_DIR_HELP, IMAGE_SIZE_HELP
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "Trained base classifier (.keras file giving logits).")
 flags.DEFINE_string("denoiser", None, "Denoised smoothing (Salman et al. 2020): a denoiser "
                     "(.keras, noisy image -> image, e.g. trained with tfcert.DenoiserModel) in "
                     "front of --model; the export certifies model(denoiser(x + noise)).")
-flags.DEFINE_string("dataset", None, "Dataset the model was trained on (tells H, W, C and the "
-                    "number of classes); default: the model's input shape and output size.")
+flags.DEFINE_string("dataset", None, "Dataset the model was trained on (tells H, W, C, the "
+                    "number of classes and their names, recorded in the export); any source of "
+                    "tfcert-certify's --dataset (a name, dir:PATH, npz:PATH); default: the "
+                    "model's input shape and output size.")
+flags.DEFINE_string("data_dir", None, DATA_DIR_HELP)
+flags.DEFINE_list("image_size", None, IMAGE_SIZE_HELP)
 flags.DEFINE_enum("defense", "gaussian", ["gaussian", "randdisc", "randmix"],
                   "Noise of the smoothed classifier: gaussian N(0, σ²) (ℓ2 radii); randdisc / "
                   "randmix: randomized discretization / mixture of Zhang & Liang with pixel "
@@ -99,7 +104,9 @@ def run(argv: list[str]) -> None:
         _, model = cli.denoised_model(model, FLAGS.denoiser)
         metadata.update(denoiser=FLAGS.denoiser,
                         denoiser_sha256=cli.file_sha256(FLAGS.denoiser))
-    image_shape, num_classes = model_geometry(model)
+    image_shape, num_classes, class_names = model_geometry(model)
+    if class_names is not None:
+        metadata["class_names"] = list(class_names)
     smoothed = SmoothedClassifier(model, num_classes, noise_layer())
     try:
         config = export.export_saved_model(
@@ -130,8 +137,9 @@ def _abridged(looks: tuple[int, ...]) -> str:
     return f"[{', '.join(shown)}]"
 
 
-def model_geometry(model) -> tuple[tuple[int, int, int], int]:
-    """(H, W, C) and the number of classes, from --dataset or the model, checked to agree."""
+def model_geometry(model) -> tuple[tuple[int, int, int], int, tuple[str, ...] | None]:
+    """(H, W, C), the number of classes and their names (None if unknown), from --dataset or
+    the model, checked to agree."""
     from tfcert import data
 
     shape, classes = tuple(model.input_shape[1:]), model.output_shape[-1]
@@ -142,17 +150,14 @@ def model_geometry(model) -> tuple[tuple[int, int, int], int]:
         cli.require(isinstance(classes, int) and classes >= 2,
                     f"cannot tell the number of classes from the model's output shape "
                     f"{model.output_shape}: pass --dataset")
-        return shape, classes
-    try:
-        meta = data.info(FLAGS.dataset)
-    except ValueError as err:
-        raise cli.CliError(str(err)) from err
+        return shape, classes, None
+    meta = data.info(FLAGS.dataset, FLAGS.data_dir, FLAGS.image_size)
     cli.require(len(shape) == 3 and all(d in (None, m) for d, m in zip(shape, meta.image_shape))
                 and classes in (None, meta.num_classes),
                 f"the model (input {model.input_shape}, output {model.output_shape}) does not "
                 f"fit --dataset={FLAGS.dataset} (images {meta.image_shape}, "
                 f"{meta.num_classes} classes)")
-    return meta.image_shape, meta.num_classes
+    return meta.image_shape, meta.num_classes, meta.class_names
 
 
 def noise_layer():
