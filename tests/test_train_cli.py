@@ -1,4 +1,8 @@
-"""train.py end to end on digits, and its errors."""
+"""train.py end to end on digits, and its errors.
+
+One test runs the script in a new Python (its flags and its entry point); the others run
+`tfcert.runs.train` in this process with the same arguments (conftest.run_in_process):
+a new Python spends ≈ 9 s importing TensorFlow."""
 
 import json
 import os
@@ -7,12 +11,19 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run_in_process
 
 
 def run_script(*args, cwd=None):
     return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args],
                           capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def train(*args):
+    """``train.py``'s run in this process (`tfcert.runs.train`)."""
+    from tfcert import runs
+
+    return run_in_process(runs.train, runs.TrainConfig, args)
 
 
 @pytest.mark.slow
@@ -38,16 +49,25 @@ def test_train_stn_on_digits_end_to_end(tmp_path):
     (["--epochs=0"], "--epochs"),
     (["--dataset=nope"], "unknown --dataset"),
     (["--dataset=digits", "--method=stn", "--sigma=0"], "needs --sigma > 0"),
-    (["--dataset=digits", "stray"], "unexpected arguments"),
     (["--dataset=digits", "--patience=2"], "--patience needs --validation_split > 0"),
     (["--dataset=digits", "--validation_split=0.9"], "--validation_split"),
     (["--dataset=digits", "--strategy=multi_worker"], "keras-team/keras#20585"),
     (["--dataset=digits", "--mixed_precision=float8"], "--mixed_precision"),
 ])
-@pytest.mark.slow
 def test_bad_flags_fail_with_a_clear_message(tmp_path, args, message):
-    result = run_script(*args, f"--output_dir={tmp_path}/out")
+    result = train(*args, f"--output_dir={tmp_path}/out")
     assert message in _one_error_line(result)  # absl's own flag errors included
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dataset=digits", "stray"], "unexpected arguments"),
+    (["--method=bogus"], "--method"),  # absl's own enum error
+])
+@pytest.mark.slow
+def test_the_script_reports_bad_arguments_in_one_line(tmp_path, args, message):
+    result = run_script(*args, f"--output_dir={tmp_path}/out")
+    assert message in _one_error_line(result)
     assert not (tmp_path / "out").exists()
 
 
@@ -59,7 +79,7 @@ def _one_error_line(result) -> str:
 
 
 def test_missing_dataset_is_one_line_error(tmp_path):
-    result = run_script("--dataset=cifar10", f"--data_dir={tmp_path}", f"--output_dir={tmp_path}/o")
+    result = train("--dataset=cifar10", f"--data_dir={tmp_path}", f"--output_dir={tmp_path}/o")
     assert "--download" in _one_error_line(result)
     assert not (tmp_path / "o").exists()
 
@@ -68,11 +88,10 @@ def test_missing_dataset_is_one_line_error(tmp_path):
     ("app:ResNet50", "at least 32x32"),  # keras.applications refuses 8x8 inputs
     ("resnet", "unknown model"),
 ])
-@pytest.mark.slow
 def test_a_model_that_cannot_be_built_for_the_data_is_refused_before_any_file(
         tmp_path, model, message):
     out = tmp_path / "run"
-    result = run_script("--dataset=digits", f"--model={model}", "--epochs=1",
+    result = train("--dataset=digits", f"--model={model}", "--epochs=1",
                         f"--output_dir={out}")
     error = _one_error_line(result)
     assert message in error and f"--model={model}" in error and "8x8x1" in error
@@ -83,7 +102,7 @@ def test_a_model_that_cannot_be_built_for_the_data_is_refused_before_any_file(
 @pytest.mark.parametrize("method", ["pgd", "trades"])
 def test_adversarial_methods_train_from_the_script(tmp_path, method):
     out = tmp_path / method
-    result = run_script("--dataset=digits", f"--method={method}", "--eps=0.1", "--attack_steps=3",
+    result = train("--dataset=digits", f"--method={method}", "--eps=0.1", "--attack_steps=3",
                         "--epochs=1", f"--output_dir={out}", "--verbose=0")
     assert result.returncode == 0, result.stderr
     assert (out / "model.keras").exists()
@@ -99,7 +118,7 @@ def test_adversarial_methods_train_from_the_script(tmp_path, method):
 ])
 def test_noise_objectives_train_from_the_script(tmp_path, method, flags, regularizer):
     out = tmp_path / method
-    result = run_script("--dataset=digits", f"--method={method}", "--sigma=0.25", *flags,
+    result = train("--dataset=digits", f"--method={method}", "--sigma=0.25", *flags,
                         "--epochs=2", f"--output_dir={out}", "--verbose=0")
     assert result.returncode == 0, result.stderr
     assert (out / "model.keras").exists()
@@ -122,11 +141,11 @@ def test_patience_stops_on_validation_accuracy_under_noise_and_keeps_the_best_ep
     from sklearn.model_selection import train_test_split
 
     from tfcert import data
-    from tfcert.runs import trainer as train
+    from tfcert.runs import trainer
 
     out = tmp_path / "run"
     # A learning rate this high makes digits' validation accuracy peak within a few epochs.
-    result = run_script("--dataset=digits", "--method=gaussian", "--sigma=0.25", "--epochs=40",
+    result = train("--dataset=digits", "--method=gaussian", "--sigma=0.25", "--epochs=40",
                         "--validation_split=0.2", "--patience=2", "--learning_rate=0.02",
                         f"--output_dir={out}", "--verbose=0")
     assert result.returncode == 0, result.stderr
@@ -146,10 +165,10 @@ def test_patience_stops_on_validation_accuracy_under_noise_and_keeps_the_best_ep
     x, y = data.load_arrays("digits", "train")
     _, x_val, _, y_val = train_test_split(x, y, test_size=0.2, stratify=y, random_state=0)
     base = keras.models.load_model(out / "model.keras")
-    val = train.noisy_batches(tf.data.Dataset.from_tensor_slices((x_val, y_val)), 0.25, 0)
+    val = trainer.noisy_batches(tf.data.Dataset.from_tensor_slices((x_val, y_val)), 0.25, 0)
     # One image whose top two logits differ by a float rounding step could flip between
     # processes (thread counts change summation order): allow one image of the 288.
-    assert abs(train.accuracy(base, val) - max(logged)) <= 1 / len(y_val) + 1e-12
+    assert abs(trainer.accuracy(trainer.predictor(base), val) - max(logged)) <= 1 / len(y_val) + 1e-12
 
 
 @pytest.mark.slow
@@ -157,7 +176,7 @@ def test_mirrored_mixed_precision_training_saves_a_float32_model(tmp_path):
     import keras
 
     out = tmp_path / "run"
-    result = run_script("--dataset=digits", "--method=stn", "--sigma=0.25", "--epochs=3",
+    result = train("--dataset=digits", "--method=stn", "--sigma=0.25", "--epochs=3",
                         "--strategy=mirrored", "--mixed_precision=mixed_bfloat16",
                         f"--output_dir={out}", "--verbose=0")
     assert result.returncode == 0, result.stderr
@@ -165,16 +184,16 @@ def test_mirrored_mixed_precision_training_saves_a_float32_model(tmp_path):
     assert config["strategy"] == "mirrored" and config["mixed_precision"] == "mixed_bfloat16"
     model = keras.models.load_model(out / "model.keras")
     assert {layer.dtype_policy.name for layer in model.layers} == {"float32"}
+    assert keras.mixed_precision.global_policy().name == "float32"  # the caller's, restored
     # It learned in 16 bits: digits' chance level is 0.1 (3 epochs of float32 STN reach ~0.9).
     assert json.loads((out / "metrics.json").read_text())["clean_accuracy"] > 0.5
 
 
-@pytest.mark.slow
 def test_a_backup_that_cannot_be_restored_is_a_one_line_error(tmp_path):
     backup = tmp_path / "run" / "backup"
     backup.mkdir(parents=True)
     (backup / "latest.weights.h5").write_bytes(b"not an HDF5 file")
-    result = run_script("--dataset=digits", "--epochs=1", f"--output_dir={tmp_path / 'run'}")
+    result = train("--dataset=digits", "--epochs=1", f"--output_dir={tmp_path / 'run'}")
     assert "delete that directory" in _one_error_line(result)
     assert not (tmp_path / "run" / "model.keras").exists()
 
@@ -183,12 +202,12 @@ def test_a_backup_that_cannot_be_restored_is_a_one_line_error(tmp_path):
 def test_resuming_with_other_settings_is_refused_and_keeps_the_run(tmp_path):
     """Issue: a rerun with another --sigma silently resumed the interrupted run's backup."""
     out = tmp_path / "run"
-    first = run_script("--dataset=digits", "--method=gaussian", "--sigma=0.25", "--epochs=1",
+    first = train("--dataset=digits", "--method=gaussian", "--sigma=0.25", "--epochs=1",
                        f"--output_dir={out}", "--verbose=0")
     assert first.returncode == 0, first.stderr
     (out / "backup").mkdir()  # as an interrupted run leaves it (its contents are not read)
     kept = {name: (out / name).read_bytes() for name in ("config.json", "log.csv", "model.keras")}
-    again = run_script("--dataset=digits", "--method=gaussian", "--sigma=0.5", "--epochs=3",
+    again = train("--dataset=digits", "--method=gaussian", "--sigma=0.5", "--epochs=3",
                        f"--output_dir={out}", "--verbose=0")
     assert "--sigma (0.25 -> 0.5)" in _one_error_line(again)
     assert {name: (out / name).read_bytes() for name in kept} == kept

@@ -30,7 +30,7 @@ import csv
 import importlib.util
 import json
 import os
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -95,17 +95,20 @@ def train(config: TrainConfig) -> dict[str, Any]:
     model_name = c.model or (default_denoiser() if c.method == "denoiser"
                              else default_model(c.dataset, meta))
     keras.utils.set_random_seed(c.seed)
-    devices.set_precision(c.mixed_precision)
-    with strategy.scope():
-        if c.method == "denoiser":
-            base, model, scored = build_denoiser(c, model_name, meta, train_ds)
-            model.compile(optimizer=keras.optimizers.Adam(c.learning_rate))
-        else:
-            base, model = build(c, model_name, meta)
-            scored = base
-            model.compile(optimizer=keras.optimizers.Adam(c.learning_rate),
-                          loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                          metrics=["accuracy"])
+    previous = devices.set_precision(c.mixed_precision)
+    try:
+        with strategy.scope():
+            if c.method == "denoiser":
+                base, model, scored = build_denoiser(c, model_name, meta, train_ds)
+                model.compile(optimizer=keras.optimizers.Adam(c.learning_rate))
+            else:
+                base, model = build(c, model_name, meta)
+                scored = base
+                model.compile(optimizer=keras.optimizers.Adam(c.learning_rate),
+                              loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                              metrics=["accuracy"])
+    finally:  # the built model keeps its policy; the caller's global policy is restored
+        devices.set_precision(previous)
 
     log_path, best_path, backup_dir, model_path, metrics_path = (
         os.path.join(c.output_dir, name) for name in (
@@ -253,10 +256,10 @@ def noisy_validation_accuracy(base, val_ds, sigma: float, seed: int) -> "keras.c
     certificate rests on the accuracy under noise, not on the clean accuracy)."""
     import keras
 
-    noisy = noisy_batches(val_ds, sigma, seed).cache()
+    noisy, predict = noisy_batches(val_ds, sigma, seed).cache(), predictor(base)
 
     def on_epoch_end(epoch, logs):
-        logs["val_noisy_accuracy"] = accuracy(base, noisy)
+        logs["val_noisy_accuracy"] = accuracy(predict, noisy)
 
     return keras.callbacks.LambdaCallback(on_epoch_end=on_epoch_end)
 
@@ -315,16 +318,24 @@ def noisy_batches(ds: "tf.data.Dataset", sigma: float, seed: int) -> "tf.data.Da
             tf.shape(batch[0]), tf.stack([tf.constant(seed, tf.int64), i])), batch[1]))
 
 
-def accuracy(base, batches: "tf.data.Dataset") -> float:
-    """Top-1 accuracy of the base classifier on batches of (images, labels)."""
+def predictor(base) -> Callable:
+    """The base classifier's top-1 class of a batch, compiled (made once per model: one
+    trace, not one per epoch)."""
     import tensorflow as tf
 
-    predict = tf.function(lambda x: tf.argmax(base(x, training=False), axis=-1))
+    return tf.function(lambda x: tf.argmax(base(x, training=False), axis=-1),
+                       reduce_retracing=True)
+
+
+def accuracy(predict: Callable, batches: "tf.data.Dataset") -> float:
+    """Top-1 accuracy of ``predict`` (`predictor`) on batches of (images, labels)."""
     return float(np.mean(np.concatenate(
         [predict(x).numpy() == y.numpy() for x, y in batches])))
 
 
 def evaluate(base, test_ds, sigma: float, seed: int) -> dict[str, float]:
     """Clean accuracy and accuracy under one draw of N(0, σ²) noise per test image."""
-    return {"clean_accuracy": accuracy(base, test_ds.batch(512)),
-            "noisy_accuracy": accuracy(base, noisy_batches(test_ds, sigma, seed)), "sigma": sigma}
+    predict = predictor(base)
+    return {"clean_accuracy": accuracy(predict, test_ds.batch(512)),
+            "noisy_accuracy": accuracy(predict, noisy_batches(test_ds, sigma, seed)),
+            "sigma": sigma}
