@@ -75,6 +75,9 @@ flags.DEFINE_integer("early_images", 200, "Section 7 early stopping: test images
 flags.DEFINE_integer("early_max_samples", 10_000, "Section 7 early stopping: n of the fixed-n "
                      "reference run, and the most samples per image of early stopping.",
                      lower_bound=1)
+flags.DEFINE_integer("wald_samples", 100_000, "Section 7 early stopping: draws per image of "
+                     "the estimate of each image's top-class probability p (the fixed-n run's "
+                     "draws continued) behind Wald's bound.", lower_bound=1)
 flags.DEFINE_list("early_methods", ["mixture", "betting", "checkpoints"],
                   "Section 7 early stopping: methods (tfcert.sequential.METHODS).")
 flags.DEFINE_enum("early_statistics", "simultaneous", ["simultaneous", "cohen"],
@@ -442,15 +445,19 @@ def precision_comparison(model) -> dict:
 
 
 def early_stopping_comparison(model) -> dict:
-    """[7] early stopping at ``--target_radius`` with each method vs a fixed-n run.
+    """[7] early stopping at ``--target_radius`` with each method vs a fixed-n run, and
+    Wald's bound.
 
     Every run certifies the same ``--early_images`` test images with the same seed, so a
     sequential run's first n votes of an image are the fixed run's first n.  Rows: mean
-    samples per image (selection draws included) and its ratio to the fixed run,
-    certified accuracy at the target (first bound) and its difference to the fixed run
-    in percentage points, images that used every sample, seconds (shared machine:
-    compare samples, not seconds).
+    samples per image (selection draws included), its ratio to the fixed run and to
+    Wald's bound, certified accuracy at the target (first bound) and its difference to
+    the fixed run in percentage points, images that used every sample, seconds (shared
+    machine: compare samples, not seconds).  Then the samples by class of image
+    (`_image_classes`).
     """
+    import numpy as np
+
     from tfcert import data
     from tfcert.layers import GaussianNoise
     from tfcert.sequential import StoppingRule, certify_sequential
@@ -468,29 +475,85 @@ def early_stopping_comparison(model) -> dict:
     start = time.perf_counter()
     runs[f"fixed n = {n}"] = smoothed.certify(x, n, **options)
     seconds[f"fixed n = {n}"] = time.perf_counter() - start
+    fixed = next(iter(runs.values()))
+    wald = _wald(smoothed, x, fixed, n, sigma, target)
     for method in FLAGS.early_methods:
         start = time.perf_counter()
         runs[method] = certify_sequential(smoothed, x, n, StoppingRule(target, method), **options)
         seconds[method] = time.perf_counter() - start
-    fixed = next(iter(runs.values()))
-    rows = {name: _early_stopping_row(cert, fixed, y, target, seconds[name], n)
+    rows = {name: _early_stopping_row(cert, fixed, y, target, seconds[name], n, wald["samples"])
             for name, cert in runs.items()}
     print(f"\n[7] early stopping at r = {target} ({FLAGS.early_bounds[0]}), {FLAGS.early_dataset}, "
           f"{len(x)} test images, σ = {sigma}, α = {FLAGS.alpha}, {FLAGS.early_statistics} "
           f"statistics, at most {n} samples, seed {EARLY_STOPPING_SEED}")
-    print(f"    {'method':16s} {'samples/image':>13s} {'fewer':>7s} {'cert. acc. at r':>15s} "
-          f"{'Δ points':>8s} {'at max':>6s} {'seconds':>8s}")
+    print(f"    Wald's bound: p* = {wald['p_star']:.4f}, p from {wald['draws']} draws per image, "
+          f"{np.mean(wald['samples']):.1f} samples per image")
+    print(f"    {'method':16s} {'samples/image':>13s} {'fewer':>7s} {'x Wald':>7s} "
+          f"{'cert. acc. at r':>15s} {'Δ points':>8s} {'at max':>6s} {'seconds':>8s}")
     for name, r in rows.items():
         print(f"    {name:16s} {r['mean_samples']:13.1f} {r['fewer_than_fixed']:6.1f}x "
-              f"{100 * r['certified_accuracy']:14.1f}% {r['points_vs_fixed']:+8.1f} "
-              f"{r['images_at_max']:6d} {r['seconds']:8.1f}")
+              f"{r['times_wald']:6.2f}x {100 * r['certified_accuracy']:14.1f}% "
+              f"{r['points_vs_fixed']:+8.1f} {r['images_at_max']:6d} {r['seconds']:8.1f}")
+    classes = _image_classes(runs, fixed, y, target, wald)
     return {"dataset": FLAGS.early_dataset, "images": len(x), "max_samples": n,
             "alpha": FLAGS.alpha, "sigma": sigma, "target_radius": target,
             "statistics": FLAGS.early_statistics, "bounds": FLAGS.early_bounds,
-            "seed": EARLY_STOPPING_SEED, "runs": rows}
+            "seed": EARLY_STOPPING_SEED, "runs": rows, "image_classes": classes,
+            "wald": {"p_star": wald["p_star"], "draws": wald["draws"],
+                     "mean_samples": float(np.mean(wald["samples"])),
+                     "p": wald["p"].tolist(), "samples": wald["samples"].tolist()}}
 
 
-def _early_stopping_row(cert, fixed, labels, target: float, seconds: float, n: int) -> dict:
+def _wald(smoothed, x, fixed, n: int, sigma: float, target: float) -> dict:
+    """Each image's top-class probability p, estimated from ``--wald_samples`` draws (the
+    fixed run's n continued on the same seed), the probability p* the target radius
+    needs (p2 = 1 − p1) and Wald's bound on the draws of each image
+    (`tfcert.sequential.wald_samples`)."""
+    import numpy as np
+
+    from tfcert.sequential import required_probability, wald_samples
+
+    draws = max(FLAGS.wald_samples, n) if not FLAGS.quick else 2 * n
+    counts = fixed.counts.copy()
+    if draws > n:
+        counts += smoothed.sample_counts(x, draws - n, seed=EARLY_STOPPING_SEED, first_draw=n)
+    p = counts.max(axis=1) / draws
+    p_star = required_probability(FLAGS.early_bounds[0], target, sigma)
+    return {"p": p, "p_star": p_star, "draws": draws, "top": counts.argmax(axis=1),
+            "samples": wald_samples(p, p_star, FLAGS.alpha, n)}
+
+
+def _image_classes(runs: dict, fixed, labels, target: float, wald: dict) -> dict:
+    """Samples per image by class of image: clear (p > p* and Wald's bound <= 1,000),
+    near the target (p > p*, bound > 1,000), out of reach (p <= p*), misclassified
+    (the top class is not the label); each with its images, the certified images of
+    each run at the target, and the mean samples of each run and of Wald's bound."""
+    import numpy as np
+
+    p, samples = wald["p"], wald["samples"]
+    correct = wald["top"] == labels
+    reachable = p > wald["p_star"]
+    masks = {"clear": correct & reachable & (samples <= 1000),
+             "near the target": correct & reachable & (samples > 1000),
+             "out of reach": correct & ~reachable, "misclassified": ~correct}
+    out = {}
+    print(f"    {'images':24s} {'count':>5s} {'Wald':>8s} " +
+          " ".join(f"{name[:12]:>12s}" for name in runs) + "   (mean samples; certified)")
+    for name, mask in masks.items():
+        row = {"images": int(mask.sum()), "wald": float(samples[mask].mean()) if mask.any() else 0.0}
+        for run, cert in runs.items():
+            hit = (cert.prediction == labels) & (cert.radius >= target)
+            row[run] = {"mean_samples": float(cert.num_samples[mask].mean()) if mask.any() else 0.0,
+                        "total_samples": int(cert.num_samples[mask].sum()),
+                        "certified": int(hit[mask].sum())}
+        out[name] = row
+        print(f"    {name:24s} {row['images']:5d} {row['wald']:8.1f} " + " ".join(
+            f"{row[run]['mean_samples']:7.0f};{row[run]['certified']:4d}" for run in runs))
+    return out
+
+
+def _early_stopping_row(cert, fixed, labels, target: float, seconds: float, n: int,
+                        wald) -> dict:
     """One row of the early-stopping table (see `early_stopping_comparison`)."""
     import numpy as np
 
@@ -500,6 +563,7 @@ def _early_stopping_row(cert, fixed, labels, target: float, seconds: float, n: i
     mean = float(cert.num_samples.mean())
     return {"mean_samples": mean, "median_samples": float(np.median(cert.num_samples)),
             "fewer_than_fixed": float(fixed.num_samples.mean() / mean),
+            "times_wald": float(mean / np.mean(wald)),
             "certified_accuracy": accuracy(cert),
             "points_vs_fixed": 100 * (accuracy(cert) - accuracy(fixed)),
             "images_at_max": int(np.sum(cert.counts.sum(axis=1) >= n)),

@@ -1,6 +1,7 @@
 """Early stopping: confidence sequences (coverage under adversarial stopping, numerics),
 the sequential procedure (soundness on a linear classifier, stopping rules, noise)."""
 
+import math
 import re
 
 import mpmath
@@ -10,6 +11,7 @@ from scipy import stats as sps
 from test_smoothing import SHAPE, linear_model, linear_problem  # noqa: F401 (fixture)
 
 from tfcert import confidence_sequences as cs
+from tfcert import sequential
 from tfcert.layers import GaussianNoise
 from tfcert.sequential import (METHODS, StoppingRule, certify_sequential, look_bounds,
                                run_sequential)
@@ -510,3 +512,26 @@ def test_unseeded_calls_never_reuse_noise():
     x = np.full((1, *SHAPE), 0.5, np.float32)
     votes = np.array([sc.sample_counts(x, 100, batch_size=10)[0, 0] for _ in range(401)])
     assert abs(np.corrcoef(votes[:-1], votes[1:])[0, 1]) < 0.25
+
+
+def test_required_probability_is_the_smallest_p1_that_reaches_the_radius():
+    from tfcert import bounds
+
+    # Cohen's radius with p2 = 1 − p1 is σ Φ⁻¹(p1): p* = Φ(r/σ) in closed form; the
+    # bisection rounds up by at most its final bracket, 0.5·2**-64, plus ndtri's ~1e-15.
+    assert sequential.required_probability("cohen", 0.5, 0.5) == pytest.approx(
+        sps.norm.cdf(1.0), abs=1e-14)
+    p_star = sequential.required_probability("renyi", 0.25, 0.25)
+    assert float(bounds.renyi_radius(p_star, 1.0 - p_star, 0.25)) >= 0.25
+    # 1e-9 below p* the radius is short: p* is the smallest (the radius grows with p1).
+    assert float(bounds.renyi_radius(p_star - 1e-9, 1.0 - p_star + 1e-9, 0.25)) < 0.25
+
+
+def test_wald_samples_is_log_one_over_alpha_over_the_bernoulli_kl_capped():
+    p = np.array([1.0, 0.99, 0.5, 0.9])
+    got = sequential.wald_samples(p, 0.9, 0.001, 10_000)
+    kl = [math.log(1 / 0.9), 0.99 * math.log(0.99 / 0.9) + 0.01 * math.log(0.01 / 0.1),
+          0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)]
+    # float64 evaluations of the same closed form: a few ulps apart.
+    np.testing.assert_allclose(got[:3], math.log(1000) / np.array(kl), rtol=1e-12)
+    assert got[3] == 10_000  # p = p*: no test decides it; the budget caps it

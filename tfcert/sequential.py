@@ -90,9 +90,11 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 import tensorflow as tf
+from scipy import special
 
 from tfcert import confidence_sequences as cs
 from tfcert import stats
+from tfcert.bisection import bisect
 from tfcert.certificate import (ABSTAIN, RADII, Certificate, bound_names, certificate_from_counts,
                                 certify_bounds, check_statistics)
 from tfcert.keys import run_key
@@ -557,6 +559,29 @@ def certify_sequential(smoothed: Smoothed, x, max_samples: int, rule: StoppingRu
         extra = num_selection_samples
     return run_sequential(draw, len(x), smoothed.num_classes, max_samples, rule, alpha, sigma,
                           bound, statistics, selected, extra)
+
+
+def required_probability(bound: str, radius: float, sigma: float) -> float:
+    """The smallest p(1) whose radius with ``p2 = 1 − p1`` reaches ``radius``: the
+    probability p* an image must have for a certificate at ``radius`` (float64, rounded
+    up by the bisection; 1.0 where no p1 < 1 reaches it)."""
+    radius_of = RADII[bound]
+
+    def below(p1: tf.Tensor) -> tf.Tensor:
+        return radius_of(p1, stats.complement_up(p1), sigma) < radius
+
+    return float(bisect(below, tf.constant(0.5, tf.float64), tf.constant(1.0, tf.float64))[1])
+
+
+def wald_samples(p: np.ndarray, p_star: float, alpha: float, max_samples: int) -> np.ndarray:
+    """Wald's lower bound on the expected draws of any level-``alpha`` sequential test
+    that decides ``p`` against ``p_star``: ``log(1/α) / KL(Bern(p) ‖ Bern(p*))``, capped
+    at ``max_samples`` (float64, elementwise; the limit that early stopping is measured
+    against, docs/PERFORMANCE.md)."""
+    p = np.asarray(p, np.float64)
+    kl = special.rel_entr(p, p_star) + special.rel_entr(1.0 - p, 1.0 - p_star)
+    with np.errstate(divide="ignore"):
+        return np.minimum(math.log(1.0 / alpha) / kl, float(max_samples))
 
 
 def _pair(first: float, second: float) -> tf.Tensor:
