@@ -3,7 +3,8 @@ and the strategy and precision setup of training.
 
 Everything here is about *where and in what precision* the base model runs, never about
 what is certified: `tfcert.smoothing.SmoothedClassifier` sizes its passes with
-`pass_memory` / `activation_bytes` and clones its model with `bfloat16_clone`; training
+`pass_memory` / `activation_bytes` (and bounds a calibrated size, `tfcert.pass_sizes`, by
+`pass_memory_cap`) and clones its model with `bfloat16_clone`; training
 scripts call `make_strategy` and `set_precision`; a model trained in mixed precision is
 saved or certified as its float32 `policy_clone`.
 """
