@@ -69,8 +69,10 @@ def test_candidates_chunks_and_the_choice():
     assert pass_sizes.chunk_draws(64, 8, 16) == 128  # 1,024 draws over 8 images
     assert pass_sizes.chunk_draws(4096, 8, 16) == 512
     assert pass_sizes.chunk_draws(64, 1000, 16) == 16  # one noise block per image
-    # the median, not the mean: one slow round (another job) does not decide
+    # the median, not the mean: one slow measurement (another job) does not decide
     assert pass_sizes.fastest({64: [10, 10, 10], 128: [11, 11, 1], 256: [9, 12, 12]}) == 256
+    # relative to its round: 128 is 10% faster in every round, whatever the load
+    assert pass_sizes.fastest({64: [100, 50, 100], 128: [110, 55, 110], 256: [40, 100, 40]}) == 128
     assert pass_sizes.fastest({64: [5.0], 128: [5.0]}) == 64  # a tie: the smaller pass
 
 

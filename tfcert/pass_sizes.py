@@ -3,7 +3,7 @@
 `tfcert.smoothing.SmoothedClassifier` picks its pass size (when ``batch_size`` is not
 given and the model runs here) by measuring it: the first `sample_counts` call with
 enough draws runs its own first draws in chunks at each `candidates` size, in interleaved
-rounds (`measure`), keeps the size of the highest median rate (`fastest`) for the rest
+rounds (`measure`), keeps the fastest size relative to each round (`fastest`) for the rest
 of the call and stores it in memory and on disk (`lookup` / `store`), keyed by
 `calibration_key`: the model's architecture and weight shapes (not its weight values),
 the input shape, the compute dtype, the CPU model, the GPUs and the TensorFlow and Keras
@@ -114,8 +114,12 @@ def measure(run: Callable[[int, int], int], chunks: Mapping[int, int],
 
 
 def fastest(rates: Mapping[int, Sequence[float]]) -> int:
-    """The pass size of the highest median rate (the smallest such size on a tie)."""
-    return max(sorted(rates), key=lambda size: statistics.median(rates[size]))
+    """The pass size of the highest median over rounds of its rate relative to the round
+    (over that round's median rate of all sizes): the sizes of a round ran under the same
+    load, so a busy round does not decide.  The smallest such size on a tie."""
+    rounds = np.array([rates[size] for size in sorted(rates)], np.float64)
+    relative = np.median(rounds / np.median(rounds, axis=0), axis=1)
+    return sorted(rates)[int(np.argmax(relative))]
 
 
 def calibration_key(model: keras.Model, image_shape: Sequence[int], compute_dtype: str) -> str:
