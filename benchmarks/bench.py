@@ -305,7 +305,7 @@ def pass_size_throughput(model) -> dict:
                                                            pass_sizes.MODE_ENV: "calibrate"}):
         default = SmoothedClassifier(model, 10, noise)
         memory_size = default.pass_size(IMAGE_SHAPE)
-        sizes = pass_sizes.candidates(memory_size, default._pass_cap(IMAGE_SHAPE))
+        sizes = default.pass_size_candidates(IMAGE_SHAPE)
         draws = pass_sizes.calibration_draws(pass_sizes.chunk_draws(
             size, len(images), noise_block_size(IMAGE_SHAPE)) for size in sizes)
         calibration_seconds = _timed(lambda: default.sample_counts(images, draws))

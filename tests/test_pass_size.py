@@ -199,7 +199,7 @@ def test_the_real_default_path(calibrating):
     """Real timings (whatever they are): a size among the candidates is stored, and the
     votes are those of any single pass size, from any first draw, in any stream."""
     sc = SmoothedClassifier(small_model(), 2, GaussianNoise(0.5))
-    sizes = pass_sizes.candidates(sc.pass_size(SHAPE), sc._pass_cap(SHAPE))
+    sizes = sc.pass_size_candidates(SHAPE)
     chunks = [pass_sizes.chunk_draws(s, len(IMAGES), noise_block_size(SHAPE)) for s in sizes]
     assert pass_sizes.calibration_draws(chunks) <= NUM_SAMPLES
     counts = sc.sample_counts(IMAGES, NUM_SAMPLES, seed=3, first_draw=5)

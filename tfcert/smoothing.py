@@ -205,6 +205,12 @@ class SmoothedClassifier:
             self._input_bytes[shape] = activation_bytes(self.inference_model, shape)
         return self._input_bytes[shape]
 
+    def pass_size_candidates(self, image_shape: Sequence[int]) -> list[int]:
+        """The pass sizes a calibration measures for inputs of ``image_shape``
+        (`tfcert.pass_sizes.candidates` around the memory size, up to the memory cap)."""
+        shape = tuple(int(d) for d in image_shape)
+        return pass_sizes.candidates(self._memory_pass_size(shape, None), self._pass_cap(shape))
+
     def _calibrates(self) -> bool:
         """Whether the automatic pass size is measured (see ``auto_pass_size``)."""
         return self.auto_pass_size == "calibrate" and self.strategy is None
@@ -337,9 +343,8 @@ class SmoothedClassifier:
         shape = tuple(int(d) for d in images.shape[1:])
         if not self._calibrates() or self._calibrated.get(shape):
             return None
-        sizes = pass_sizes.candidates(self._memory_pass_size(shape, None), self._pass_cap(shape))
         chunks = {size: pass_sizes.chunk_draws(size, len(images), noise_block_size(shape))
-                  for size in sizes}
+                  for size in self.pass_size_candidates(shape)}
         if num_samples < pass_sizes.calibration_draws(chunks.values()):
             return None
         counts, done = 0, 0
