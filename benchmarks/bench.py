@@ -13,7 +13,8 @@ Prints a report (docs/PERFORMANCE.md shows one with the machine it ran on):
    `SmoothedClassifier.sample_counts` in float32 and bfloat16, ART's
    ``TensorFlowV2RandomizedSmoothing.certify`` (if installed), and a naive loop (one
    eager model call per noisy sample);
-3. bare float32 throughput per pass size (the basis of the automatic pass size);
+3. `sample_counts` throughput at the calibrated default pass size (`tfcert.pass_sizes`),
+   at every candidate size and at the memory heuristic's, next to ART's certify;
 4. training cost of every objective (standard, gaussian, stn, consistency, macer,
    smoothadv, pgd, trades): seconds per step and per epoch, and the ratio to standard;
 5. radius computation time for 10,000 images;
@@ -33,6 +34,7 @@ The latency of the exported early-stopping signatures is measured by
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -287,28 +289,68 @@ def _art_work(model, images, sigma: float, work: dict) -> str | None:
 
 
 def pass_size_throughput(model) -> dict:
-    """[3] bare float32 samples/s per batch size."""
-    import numpy as np
-    import tensorflow as tf
+    """[3] `sample_counts` samples/s at the calibrated default pass size, at every
+    candidate size, at the memory heuristic's size, and ART's certify, interleaved.
 
+    The default is calibrated afresh (an empty temporary ``TFCERT_CACHE_DIR``), by the
+    first ``sample_counts`` call as a user's would; that call's time is reported too.
+    """
+    import numpy as np
+
+    from tfcert import pass_sizes
+    from tfcert.keys import noise_block_size
     from tfcert.layers import GaussianNoise
     from tfcert.smoothing import SmoothedClassifier
 
-    forward = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
-    auto = SmoothedClassifier(model, 10, GaussianNoise(FLAGS.sigma)).pass_size(IMAGE_SHAPE)
-    sizes = [16, 256] if FLAGS.quick else sorted({32, auto, 256, 1024, 4096})
-    total = max(sizes)
-    work = {}
-    for size in sizes:
-        batch = tf.random.uniform([size, *IMAGE_SHAPE])
-        calls = total // size
-        work[f"batch {size}" + (" (automatic)" if size == auto else "")] = (
-            lambda batch=batch, calls=calls: [forward(batch).numpy() for _ in range(calls)],
-            calls * size)
+    noise = GaussianNoise(FLAGS.sigma)
+    images, _ = _test_images(8)
+    with tempfile.TemporaryDirectory() as cache, _environ({pass_sizes.CACHE_DIR_ENV: cache,
+                                                           pass_sizes.MODE_ENV: "calibrate"}):
+        default = SmoothedClassifier(model, 10, noise)
+        memory_size = default.pass_size(IMAGE_SHAPE)
+        sizes = default.pass_size_candidates(IMAGE_SHAPE)
+        draws = pass_sizes.calibration_draws(pass_sizes.chunk_draws(
+            size, len(images), noise_block_size(IMAGE_SHAPE)) for size in sizes)
+        calibration_seconds = _timed(lambda: default.sample_counts(images, draws))
+        chosen = default.pass_size(IMAGE_SHAPE)
+    per_image = 128 if FLAGS.quick else 1024  # 8,192 draws per measurement
+    work = {f"default (calibrated: {chosen})": (
+        lambda: default.sample_counts(images, per_image), len(images) * per_image)}
+    for size in sorted({*sizes, memory_size}):
+        label = f"pass size {size}" + (" (memory heuristic)" if size == memory_size else "")
+        work[label] = (lambda size=size: default.sample_counts(images, per_image, size),
+                       len(images) * per_image)
+    art_status = _art_work(model, images[:max(1, len(images) * per_image // 1000)],
+                           FLAGS.sigma, work)
     rates = _interleaved(work, FLAGS.rounds)
-    _print_rates("[3] bare float32 throughput per pass size", rates, f"batch {sizes[0]}")
-    return {"rates": rates, "automatic": auto, "sizes": sizes,
-            "median_rates": [float(np.median(r["samples_per_s"])) for r in rates.values()]}
+    relative = {name: r["ratio_to_reference"] for name, r in rates.items()}  # same rounds
+    best = max((name for name in relative if name.startswith("pass size")), key=relative.get)
+    _print_rates(f"[3] sample_counts throughput per pass size, STN MNIST CNN, 8 images x "
+                 f"{per_image} draws ({FLAGS.rounds} interleaved rounds)", rates, "default")
+    default_rate = rates[next(iter(work))]["median_samples_per_s"]
+    print(f"    default / best ({best}), median of per-round ratios: {1 / relative[best]:.3f}; "
+          f"calibration: {calibration_seconds:.1f} s for {len(images) * draws} draws "
+          f"(the first call's own; at the default's rate {len(images) * draws / default_rate:.1f} s)")
+    if art_status:
+        print(f"    ART: {art_status}")
+    return {"rates": rates, "memory_size": memory_size, "calibrated": chosen,
+            "candidates": sizes, "best": best, "calibration_seconds": calibration_seconds,
+            "calibration_draws": len(images) * draws, "art": art_status or "measured"}
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]):
+    """Environment variables set to ``values`` inside the block, restored after."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def training_steps() -> dict:

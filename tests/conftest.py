@@ -1,9 +1,20 @@
 """Shared pytest setup: quiet TensorFlow, repository root on sys.path, small data fixtures."""
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# The pass size of a SmoothedClassifier without batch_size is the memory heuristic in
+# tests (and their subprocesses): calibrating it (tfcert.pass_sizes) would time every
+# large call of the many small models the tests build, make their pass sizes depend on
+# the machine's load, and write a cache; tests/test_pass_size.py turns it back on.  The
+# cache, if anything writes one, goes to a temporary directory, never ~/.cache.
+os.environ.setdefault("TFCERT_PASS_SIZE", "memory")
+os.environ["TFCERT_CACHE_DIR"] = tempfile.mkdtemp(prefix="tfcert-test-cache-")
+atexit.register(shutil.rmtree, os.environ["TFCERT_CACHE_DIR"], ignore_errors=True)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 

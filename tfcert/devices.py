@@ -3,7 +3,8 @@ and the strategy and precision setup of training.
 
 Everything here is about *where and in what precision* the base model runs, never about
 what is certified: `tfcert.smoothing.SmoothedClassifier` sizes its passes with
-`pass_memory` / `activation_bytes` and clones its model with `bfloat16_clone`; training
+`pass_memory` / `activation_bytes` (and bounds a calibrated size, `tfcert.pass_sizes`, by
+`pass_memory_cap`) and clones its model with `bfloat16_clone`; training
 scripts call `make_strategy` and `set_precision`; a model trained in mixed precision is
 saved or certified as its float32 `policy_clone`.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import platform
 from typing import Callable, Sequence
 
 import keras
@@ -27,6 +29,10 @@ CPU_CACHE_DEFAULT = 32 * 2 ** 20  # where sysfs does not tell the cache size
 GPU_PASS_MEMORY = 256 * 2 ** 20
 PASS_DEVICES = ("cpu", "gpu")
 MAX_PASS_SIZE = 4096
+# A calibrated pass (`tfcert.pass_sizes`) may hold up to this many times `pass_memory`
+# (the cache is a speed estimate, not a limit: the STN CNN ran 4% faster at 1,000 inputs
+# than at the cache's 113 on an AVX-512 CPU), never more than 1/8 of the free memory.
+PASS_CAP_FACTOR = 16
 # CPU feature flags (/proc/cpuinfo) of native bfloat16 arithmetic: x86 AVX-512 BF16 and
 # AMX, Arm BF16.
 BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
@@ -134,13 +140,24 @@ def pass_memory(device: str | None = None) -> int:
             this machine.
     """
     if device is None:
-        local = "gpu" if tf.config.list_physical_devices("GPU") else "cpu"
-        return int(min(pass_memory(local), _free_memory_bytes() // 8))
+        return int(min(pass_memory(_local_device()), _free_memory_bytes() // 8))
     if device not in PASS_DEVICES:
         raise ValueError(f"device must be one of {PASS_DEVICES} or None, got {device!r}")
     if device == "gpu":
         return GPU_PASS_MEMORY
     return max(_cache_sizes(), default=CPU_CACHE_DEFAULT)
+
+
+def pass_memory_cap() -> int:
+    """Bytes of live activations a calibrated pass of this machine may use at most:
+    ``PASS_CAP_FACTOR`` times the local `pass_memory` budget, never more than 1/8 of the
+    free memory (the bound that keeps large models' passes in memory)."""
+    return int(min(PASS_CAP_FACTOR * pass_memory(_local_device()), _free_memory_bytes() // 8))
+
+
+def _local_device() -> str:
+    """``"gpu"`` if this machine has a GPU TensorFlow sees, else ``"cpu"``."""
+    return "gpu" if tf.config.list_physical_devices("GPU") else "cpu"
 
 
 def _cache_sizes() -> list[int]:
@@ -173,13 +190,24 @@ def native_bfloat16() -> bool:
 def cpu_flags() -> set[str]:
     """The CPU feature flags of /proc/cpuinfo (``flags`` on x86, ``Features`` on Arm);
     empty where that file does not exist."""
+    return {flag for line in _cpuinfo_lines() if line.split(":")[0].strip() in ("flags", "Features")
+            for flag in line.split(":", 1)[1].split()}
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo ``model name``, else ``platform.processor()``)."""
+    names = (line.split(":", 1)[1].strip() for line in _cpuinfo_lines()
+             if line.split(":")[0].strip() == "model name")
+    return next(names, platform.processor())
+
+
+def _cpuinfo_lines() -> list[str]:
+    """The lines of /proc/cpuinfo; none where that file does not exist."""
     try:
         with open("/proc/cpuinfo") as f:
-            lines = f.read().splitlines()
+            return f.read().splitlines()
     except OSError:
-        return set()
-    return {flag for line in lines if line.split(":")[0].strip() in ("flags", "Features")
-            for flag in line.split(":", 1)[1].split()}
+        return []
 
 
 def bfloat16_clone(model: keras.Model) -> keras.Model:

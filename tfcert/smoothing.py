@@ -40,11 +40,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfcert import stats
+from tfcert import pass_sizes, stats
 from tfcert.certificate import (Certificate, bound_names, certificate_from_counts,
                                 check_statistics, predict_counts)
 from tfcert.devices import (COMPUTE_DTYPES, MAX_PASS_SIZE, activation_bytes, bfloat16_clone,
-                            clone_with_weights, native_bfloat16, pass_memory)
+                            clone_with_weights, native_bfloat16, pass_memory,
+                            pass_memory_cap)
 from tfcert.keys import (ESTIMATION, SELECTION, draw_keys, image_indices, noise_block_size,
                          run_key)
 from tfcert.layers.base import RandomizedLayer
@@ -60,8 +61,8 @@ class SmoothedClassifier:
         num_classes: k, the number of classes.
         noise: a randomized tfcert layer, e.g. ``tfcert.layers.GaussianNoise(σ)``;
             ℓ2 radii need `GaussianNoise` (its ``stddev`` is the σ of the bounds).
-        batch_size: noisy inputs per forward pass (default: `pass_size`, from the
-            model's activation memory).
+        batch_size: noisy inputs per forward pass (default: `pass_size`: measured on
+            this machine, or from the model's activation memory).
         compute_dtype: ``"float32"`` (default), ``"bfloat16"`` (the base model runs as
             a Keras ``mixed_bfloat16`` clone with the same weights: faster where the
             hardware has native bfloat16, slower where it is emulated; votes may differ
@@ -83,6 +84,14 @@ class SmoothedClassifier:
             subclassed models), so each device reads its own copy.
             ``None`` (default): one device, the plain loop.  With
             ``MultiWorkerMirroredStrategy`` every worker must make the same calls.
+        auto_pass_size: how the pass size is chosen when ``batch_size`` is not given:
+            ``"calibrate"`` (default, unless ``$TFCERT_PASS_SIZE`` says ``"memory"``):
+            the fastest measured on this machine (`tfcert.pass_sizes`; cached per
+            model architecture, input shape, dtype and machine); ``"memory"``: the
+            deterministic memory heuristic (`pass_size`).  The pass size never changes
+            a vote (`count_votes`), so neither choice can change a certificate.
+            With a ``strategy`` the memory heuristic is used (workers could measure
+            different sizes and make different calls).
 
     Example:
 
@@ -101,7 +110,8 @@ class SmoothedClassifier:
 
     def __init__(self, base_model: keras.Model, num_classes: int, noise: RandomizedLayer,
                  batch_size: int | None = None, compute_dtype: str = "float32",
-                 strategy: tf.distribute.Strategy | None = None):
+                 strategy: tf.distribute.Strategy | None = None,
+                 auto_pass_size: str | None = None):
         if not isinstance(noise, RandomizedLayer):
             raise TypeError(f"noise must be a tfcert randomized layer, got {type(noise).__name__}")
         if int(num_classes) < 2:
@@ -109,6 +119,10 @@ class SmoothedClassifier:
         if compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(
                 f"unknown compute_dtype {compute_dtype!r}; choose from {COMPUTE_DTYPES}")
+        auto_pass_size = auto_pass_size or pass_sizes.default_mode()
+        if auto_pass_size not in pass_sizes.MODES:
+            raise ValueError(f"unknown auto_pass_size {auto_pass_size!r}; choose from "
+                             f"{pass_sizes.MODES}")
         if strategy is not None and not isinstance(strategy, tf.distribute.Strategy):
             raise TypeError(f"strategy must be a tf.distribute.Strategy, got "
                             f"{type(strategy).__name__}")
@@ -120,6 +134,7 @@ class SmoothedClassifier:
             compute_dtype = "bfloat16" if native_bfloat16() else "float32"
         self.compute_dtype = compute_dtype
         self.strategy = strategy
+        self.auto_pass_size = auto_pass_size
         with strategy.scope() if strategy is not None else contextlib.nullcontext():
             if compute_dtype == "bfloat16":
                 self.inference_model = bfloat16_clone(base_model)
@@ -132,7 +147,9 @@ class SmoothedClassifier:
             else:
                 self.inference_model = base_model
         self._pass_sizes: dict[tuple[tuple[int, ...], str | None], int] = {}
+        self._calibrated: dict[tuple[int, ...], int | None] = {}  # None: not measured yet
         self._count_fns: dict[tuple[int, ...], Callable] = {}
+        self._input_bytes: dict[tuple[int, ...], int] = {}
 
     @property
     def sigma(self) -> float:
@@ -147,21 +164,59 @@ class SmoothedClassifier:
 
     # ----------------------------------------------------------------- sampling
     def pass_size(self, image_shape: Sequence[int], device: str | None = None) -> int:
-        """Noisy inputs per forward pass: ``batch_size``, else from the model's memory.
+        """Noisy inputs per forward pass: ``batch_size``, else the calibrated size, else
+        from the model's memory.
 
-        The automatic size is `pass_memory` (of ``device``: ``None`` for this machine,
-        ``"cpu"`` or ``"gpu"`` for a server elsewhere) over `activation_bytes` of one
-        input, between 1 and ``MAX_PASS_SIZE``; with a 32 MiB cache: 113 for the STN
-        MNIST CNN, 64 for the CIFAR CNN, 3 for ResNet50.
+        The calibrated size (``auto_pass_size="calibrate"``, ``device`` ``None``, no
+        ``strategy``) is the fastest one `sample_counts` measured, in this process or
+        an earlier one on this machine (`tfcert.pass_sizes`), at most the memory cap
+        (`tfcert.devices.pass_memory_cap`).  The memory size is `pass_memory` (of
+        ``device``: ``None`` for this machine, ``"cpu"`` or ``"gpu"`` for a server
+        elsewhere, where this machine's measurement means nothing) over
+        `activation_bytes` of one input, between 1 and ``MAX_PASS_SIZE``; with a
+        32 MiB cache: 113 for the STN MNIST CNN, 64 for the CIFAR CNN, 3 for ResNet50.
         """
         if self.batch_size:
             return int(self.batch_size)
-        key = (tuple(int(d) for d in image_shape), device)
-        if key not in self._pass_sizes:
-            per_input = activation_bytes(self.inference_model, key[0])
-            self._pass_sizes[key] = int(np.clip(pass_memory(device) // per_input, 1,
-                                                MAX_PASS_SIZE))
-        return self._pass_sizes[key]
+        shape = tuple(int(d) for d in image_shape)
+        if device is None and self._calibrates():
+            if shape not in self._calibrated:
+                cached = pass_sizes.lookup(self._calibration_key(shape))
+                self._calibrated[shape] = cached and min(cached, self._pass_cap(shape))
+            if self._calibrated[shape]:
+                return self._calibrated[shape]
+        return self._memory_pass_size(shape, device)
+
+    def _memory_pass_size(self, shape: tuple[int, ...], device: str | None) -> int:
+        """`pass_memory` of ``device`` over `activation_bytes` of one input, in
+        [1, ``MAX_PASS_SIZE``]."""
+        if (shape, device) not in self._pass_sizes:
+            self._pass_sizes[shape, device] = int(np.clip(
+                pass_memory(device) // self._activation_bytes(shape), 1, MAX_PASS_SIZE))
+        return self._pass_sizes[shape, device]
+
+    def _pass_cap(self, shape: tuple[int, ...]) -> int:
+        """The largest pass size calibration may choose (`pass_memory_cap`)."""
+        return int(np.clip(pass_memory_cap() // self._activation_bytes(shape), 1, MAX_PASS_SIZE))
+
+    def _activation_bytes(self, shape: tuple[int, ...]) -> int:
+        """`activation_bytes` of one input of ``shape`` (traced once per shape)."""
+        if shape not in self._input_bytes:
+            self._input_bytes[shape] = activation_bytes(self.inference_model, shape)
+        return self._input_bytes[shape]
+
+    def pass_size_candidates(self, image_shape: Sequence[int]) -> list[int]:
+        """The pass sizes a calibration measures for inputs of ``image_shape``
+        (`tfcert.pass_sizes.candidates` around the memory size, up to the memory cap)."""
+        shape = tuple(int(d) for d in image_shape)
+        return pass_sizes.candidates(self._memory_pass_size(shape, None), self._pass_cap(shape))
+
+    def _calibrates(self) -> bool:
+        """Whether the automatic pass size is measured (see ``auto_pass_size``)."""
+        return self.auto_pass_size == "calibrate" and self.strategy is None
+
+    def _calibration_key(self, shape: tuple[int, ...]) -> str:
+        return pass_sizes.calibration_key(self.inference_model, shape, self.compute_dtype)
 
     def count_votes(self, x: tf.Tensor, keys: tf.Tensor, num_samples: tf.Tensor,
                     pass_size: tf.Tensor, first_draw: tf.Tensor | int = 0,
@@ -262,12 +317,50 @@ class SmoothedClassifier:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         if int(first_draw) < 0:
             raise ValueError(f"first_draw must be >= 0, got {first_draw}")
-        size = int(batch_size) if batch_size else self.pass_size(x.shape[1:])
         keys = draw_keys(run_key(seed), stream, image_indices(indices, len(x)))
-        counts = self._counter(x.shape[1:])(
-            tf.constant(x), keys, tf.constant(int(num_samples), tf.int64),
-            tf.constant(size, tf.int64), tf.constant(int(first_draw), tf.int64))
-        return counts.numpy()
+        images = tf.constant(x)
+        if batch_size:
+            return self._counts(images, keys, int(num_samples), int(batch_size), int(first_draw))
+        size = self.pass_size(x.shape[1:])  # a stored calibration, else the memory size
+        calibrated = self._calibrated_counts(images, keys, int(num_samples), int(first_draw))
+        if calibrated is not None:
+            return calibrated
+        return self._counts(images, keys, int(num_samples), size, int(first_draw))
+
+    def _counts(self, images: tf.Tensor, keys: tf.Tensor, num_samples: int, size: int,
+                first_draw: int) -> np.ndarray:
+        """Votes of draws ``first_draw … first_draw + num_samples − 1`` at pass size
+        ``size`` (the compiled `count_votes`)."""
+        return self._counter(images.shape[1:])(
+            images, keys, tf.constant(num_samples, tf.int64), tf.constant(size, tf.int64),
+            tf.constant(first_draw, tf.int64)).numpy()
+
+    def _calibrated_counts(self, images: tf.Tensor, keys: tf.Tensor, num_samples: int,
+                           first_draw: int) -> np.ndarray | None:
+        """The votes of a `sample_counts` call that calibrates the pass size on its own
+        draws (`tfcert.pass_sizes`), then stores it; ``None`` (nothing run) where the size
+        is known or not measured, or the call has too few draws per image."""
+        shape = tuple(int(d) for d in images.shape[1:])
+        if not self._calibrates() or self._calibrated.get(shape):
+            return None
+        chunks = {size: pass_sizes.chunk_draws(size, len(images), noise_block_size(shape))
+                  for size in self.pass_size_candidates(shape)}
+        if num_samples < pass_sizes.calibration_draws(chunks.values()):
+            return None
+        counts, done = 0, 0
+
+        def run(size: int, draws: int) -> int:
+            nonlocal counts, done
+            counts = counts + self._counts(images, keys, draws, size, first_draw + done)
+            done += draws
+            return len(images) * draws
+
+        rates = pass_sizes.measure(run, chunks)
+        best = self._calibrated[shape] = pass_sizes.fastest(rates)
+        pass_sizes.store(self._calibration_key(shape), best, rates, self.base_model.name)
+        if num_samples > done:
+            run(best, num_samples - done)
+        return counts
 
     def _counter(self, image_shape: Sequence[int]) -> Callable:
         """The compiled vote counting of images of ``image_shape``: one ``tf.function``

@@ -192,7 +192,8 @@ class CertifyConfig(_DataOptions, _EngineOptions):
         "(STN); cohen: n0 samples pick the class, n fresh samples bound it.", "enum",
         choices=("simultaneous", "cohen"))
     batch_size: int | None = option(
-        None, "Noisy inputs per forward pass (default: from the input size).", "integer",
+        None, "Noisy inputs per forward pass (default: the fastest measured on this machine, "
+        "cached; TFCERT_PASS_SIZE=memory: from the model's activation memory).", "integer",
         lower_bound=1)
     compute_dtype: str = option(
         "float32", "Precision of the base model's forward passes: float32; bfloat16 (Keras "
