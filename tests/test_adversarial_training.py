@@ -78,6 +78,7 @@ def test_trades_with_zero_beta_is_standard_training(digits):
                       models.small_cnn(), x[:64], y[:64])
 
 
+@pytest.mark.slow
 def test_trades_attack_maximises_the_kl_in_the_ball(digits, trained):
     x_test = digits[2]
     model = trained["trades"][0]

@@ -200,6 +200,7 @@ def test_a_run_of_the_per_batch_seeding_is_refused(digits_model, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["config.json"]
 
 
+@pytest.mark.slow
 def test_the_script_runs_and_refuses_a_bad_flag_in_one_line(digits_model, tmp_path):
     """The console script itself (the other tests run its run in-process): a tiny sweep,
     and absl's refusal of an out-of-range flag as one ``error:`` line."""

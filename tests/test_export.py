@@ -943,6 +943,7 @@ def _tie_image(model: keras.Model) -> np.ndarray:
     return x.reshape(1, *SHAPE).astype(np.float32)
 
 
+@pytest.mark.slow
 def test_easy_images_stop_early_and_an_undecidable_one_uses_every_sample(target_exports,
                                                                          linear_problem):
     model, x, _, exact = linear_problem
@@ -957,6 +958,7 @@ def test_easy_images_stop_early_and_an_undecidable_one_uses_every_sample(target_
     np.testing.assert_array_equal(out["counts"].sum(axis=1), out["num_samples"])
 
 
+@pytest.mark.slow
 def test_a_request_decided_at_the_first_look_stops_the_loop(target_exports, linear_problem):
     """Images far from the boundary and target 0: all certified at the first look, so
     the loop ends there (with fresh noise too)."""
@@ -970,6 +972,7 @@ def test_a_request_decided_at_the_first_look_stops_the_loop(target_exports, line
         np.testing.assert_array_equal(out["prediction"], label[far])
 
 
+@pytest.mark.slow
 def test_bad_target_radius_is_invalid_argument(target_exports, trained):
     x, signatures = tf.constant(trained.images[:2]), target_exports.signatures["digits"]
     cases = {"length": ([0.25, 0.25, 0.25], "target_radius must have shape [batch]"),
@@ -986,6 +989,7 @@ def test_bad_target_radius_is_invalid_argument(target_exports, trained):
                                  **extra)
 
 
+@pytest.mark.slow
 def test_target_signatures_have_core_ops_only_and_the_schedule_in_the_config(target_exports):
     for key, path in target_exports.paths.items():
         assert export.forbidden_ops(path) == set(), key
