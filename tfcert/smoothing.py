@@ -52,6 +52,12 @@ from tfcert.layers.base import RandomizedLayer
 from tfcert.layers.noise import GaussianNoise
 from tfcert.sequential import StoppingRule, certify_sequential
 
+# A pass of partly used noise blocks (a call of fewer draws per image than a block: the
+# looks of early stopping) takes more blocks, up to this many times a pass of full blocks,
+# so that it still classifies about ``pass_size`` inputs (the noise it generates, used or
+# not, stays within this factor of a full pass's).
+PARTIAL_BLOCKS_FACTOR = 16
+
 
 class SmoothedClassifier:
     """The randomized classifier g(x) = argmax_c P(f(noise(x)) = c) of STN Algorithm 1.
@@ -227,8 +233,11 @@ class SmoothedClassifier:
         ``noise(B copies of x_b, seed=fold_in(keys[b], j))`` (`draw_keys` makes the
         keys), so the noise of a draw is a function of the image's key and the draw's
         number only: never of the other images, the pass size or where a call starts.
-        A pass classifies the used draws of up to ``pass_size // B`` blocks (at least
-        one), so memory stays bounded for any batch and ``num_samples``; votes are added
+        A pass classifies the used draws of up to ``pass_size // u`` blocks (at least
+        one), u = min(B, ``num_samples``) the most draws a block can use, and at most
+        ``PARTIAL_BLOCKS_FACTOR · pass_size // B`` blocks, so memory stays bounded for any
+        batch and ``num_samples`` and a call of a few draws per image (an early-stopping
+        look) still runs passes of about ``pass_size`` inputs; votes are added
         with a scatter (no [inputs, k] one-hot tensor).  Core TensorFlow ops only: the
         exported serving signatures run this loop.
 
@@ -248,7 +257,10 @@ class SmoothedClassifier:
         first_block = first // block
         blocks = (end - 1) // block - first_block + 1  # blocks touched per image
         total = batch * blocks
-        per_pass = tf.maximum(tf.cast(pass_size, tf.int64) // block, 1)
+        pass_size = tf.cast(pass_size, tf.int64)
+        full_blocks = tf.maximum(pass_size // block, 1)
+        per_pass = tf.clip_by_value(pass_size // tf.minimum(end - first, block), full_blocks,
+                                    PARTIAL_BLOCKS_FACTOR * full_blocks)
         stride = per_pass * int(num_replicas)
 
         def noisy_block(unit):
