@@ -421,40 +421,6 @@ def test_futility_decides_when_never_what():
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_a_look_bisects_fully_only_the_certificates_of_the_images_that_stop(method):
-    """Images that stop get the certificate of their votes at the full bisection; the
-    others keep the decision's bounds: sound (below the full lower bound, above the full
-    upper bound) and within the decision's bracket, 2**-20."""
-    rule = StoppingRule(0.5, method)
-    trials = np.array([400], np.int64)
-    # 10 classes; rows: all votes for class 0 (certified far beyond 0.5: stops), 87.5% and
-    # 90% for class 0 (not yet at 0.5 after 400 draws of 4,000, within reach: go on).
-    votes = np.zeros((3, 1, 10), np.int64)
-    votes[0, 0, 0] = 400
-    votes[1, 0, :2] = [350, 50]
-    votes[2, 0, :2] = [360, 40]
-    future = np.array([3600], np.int64)
-    levels, finals = np.array([1e-3, 1e-3]), np.array([0.0, 0.0])
-    cert, stop = sequential.look(rule, votes, trials, future, levels, finals,
-                                 np.full(3, 0.5), 0.5, ("renyi",), "simultaneous")
-    stop = np.asarray(stop)
-    assert stop[0] and not stop[2]  # certified beyond the target / 90%: not decided yet
-    full = [np.asarray(b) for b in look_bounds(rule, votes, trials, 1e-3, 0.0, "simultaneous")]
-    p1, p2 = np.asarray(cert["p1_lower"]), np.asarray(cert["p2_upper"])
-    for row in np.flatnonzero(stop):  # its own full-bisection certificate, exactly
-        alone = look_bounds(rule, votes[row:row + 1], trials, 1e-3, 0.0, "simultaneous")
-        assert (p1[row], p2[row]) == (float(alone[0][0]), float(alone[1][0]))
-    # the others: sound and within the decision's bracket of 2**-20 (plus 1e-15 for the
-    # few ulps a bound moves with the other rows of its batch, test_export's note)
-    going = ~stop
-    assert np.all(p1[going] <= full[0][going] + 1e-15)
-    assert np.all(p1[going] >= full[0][going] - 2.0 ** -20)
-    assert np.all(p2[going] >= full[1][going] - 1e-15)
-    assert np.all(p2[going] <= full[1][going] + 2.0 ** -20)
-    assert np.any(p1[going] < full[0][going])  # the decision's bounds are the coarse ones
-
-
-@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("statistics", ["simultaneous", "cohen"])
 @pytest.mark.slow
 def test_early_stopping_is_sound_on_a_linear_classifier_and_saves_samples(linear_problem,

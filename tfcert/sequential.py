@@ -69,11 +69,9 @@ signatures call it inside their ``tf.while_loop`` (`tfcert.export`), with the lo
 levels of `StoppingRule.plan` baked into the export.
 
 Cost of a look: one sampling call for all the active images, then float64 bisections
-(`tfcert.bisection.bisect`) over the distinct vote rows: one to ``DECISION_STEPS`` = 20
-halvings for the bounds that decide whether an image reached its target, for the images
-not yet at their target two more for the futility rule (the optimistic rates, then the
-projected final bounds), the radius searches, and for the images that stop the
-certificate's bounds to the full 60 halvings.  The votes of every
+(`tfcert.bisection.bisect`) over the distinct vote rows: one for the certificate's bounds
+and, for the images not yet at their target, two for the futility rule (the optimistic
+rates, then the projected final bounds), and the radius searches.  The votes of every
 look are kept (``[images, looks, k]`` int64: the betting bets depend on them).
 
 Example:
@@ -106,12 +104,10 @@ from tfcert.keys import run_key
 # samples (tuned on held-out images, docs/PERFORMANCE.md, early stopping).
 FINAL_SHARE = 0.1
 
-# Bisection halvings of the bounds that decide only *when* an image stops (whether its
-# radius reaches the target, the futility rule's rates and projections): their lower
-# bounds are sound and below the certificate's (60 halvings) by at most 2**-20, so an
-# image whose radius is within ~1e-6 relative of its target may wait one more look, for a
-# third of the cost; the certificate of an image that stops is bisected to the full 60.
-DECISION_STEPS = 20
+# Bisection halvings of the futility rule's bounds (rates and projections): it decides only
+# when an image stops, so 2**-20 (a reachable radius lower by ~1e-6 relative at most)
+# is plenty, for a third of the cost of the certificate's 60 (docs/PERFORMANCE.md).
+FUTILITY_STEPS = 20
 
 METHODS = ("mixture", "betting", "checkpoints")
 DEFAULT_METHOD = "mixture"
@@ -329,17 +325,15 @@ def _class_votes(votes: tf.Tensor, classes: tf.Tensor) -> tf.Tensor:
 
 def look_bounds(rule: StoppingRule, votes: tf.Tensor, trials: tf.Tensor,
                 level: stats.TensorLike, final_level: stats.TensorLike, statistics: str,
-                selected: tf.Tensor | None = None,
-                steps: int = cs.BISECTION_STEPS) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+                selected: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """``(p1_lower, p2_upper, top)`` of each image from its votes ``[images, J, k]`` of
     looks of ``trials`` [J] draws, at level ``level`` (module docstring, "Certificates");
     where ``final_level`` > 0 (the last look), each bound is the better of the method's
-    and the Clopper-Pearson bound at ``final_level`` (both split as ``level``).
-    ``steps``: bisection halvings (fewer: looser, still sound)."""
+    and the Clopper-Pearson bound at ``final_level`` (both split as ``level``)."""
     votes = tf.convert_to_tensor(votes, tf.int64)
     if statistics == "cohen":
         top = tf.convert_to_tensor(selected, tf.int64)
-        p1 = rule.lower(_class_votes(votes, top), trials, level, final_level, steps)
+        p1 = rule.lower(_class_votes(votes, top), trials, level, final_level)
         return p1, stats.complement_up(p1), top
     counts = tf.reduce_sum(votes, axis=1)
     k = tf.shape(votes)[2]
@@ -350,8 +344,7 @@ def look_bounds(rule: StoppingRule, votes: tf.Tensor, trials: tf.Tensor,
     complement = tf.reshape(tf.cast(trials, tf.float64) - tf.cast(
         tf.transpose(votes, [0, 2, 1]), tf.float64), [-1, looks])
     sides = [stats.to_float64(v) / (2.0 * tf.cast(k, tf.float64)) for v in (level, final_level)]
-    lower = rule.lower(tf.concat([_class_votes(votes, top), complement], axis=0), trials, *sides,
-                       steps=steps)
+    lower = rule.lower(tf.concat([_class_votes(votes, top), complement], axis=0), trials, *sides)
     batch = tf.shape(top)[0]
     is_top = tf.one_hot(top, k, on_value=True, off_value=False)
     p1_per_class = tf.where(is_top, lower[:batch, None], tf.zeros_like(is_top, tf.float64))
@@ -369,7 +362,7 @@ def reachable_radius(rule: StoppingRule, votes: tf.Tensor, trials: tf.Tensor,
     The top class's future votes come at its level-``futility_level`` upper bound and
     the runner-up's (the other class with the most votes) at its lower bound; the final
     bounds are those of the last look at ``levels`` = (its level, its final level), as in
-    `look_bounds`, each to ``DECISION_STEPS`` bisection halvings.  ``bound`` None: radius 0.
+    `look_bounds`, each to ``FUTILITY_STEPS`` bisection halvings.  ``bound`` None: radius 0.
     """
     votes = tf.convert_to_tensor(votes, tf.int64)
     trials, future = stats.to_float64(trials), stats.to_float64(future)
@@ -383,9 +376,9 @@ def reachable_radius(rule: StoppingRule, votes: tf.Tensor, trials: tf.Tensor,
         return tf.concat([votes_of_class, rate[:, None] * future[None]], axis=1)
 
     if statistics == "cohen":
-        p1_rate = rule.upper(top_votes, trials, rule.futility_level, steps=DECISION_STEPS)
+        p1_rate = rule.upper(top_votes, trials, rule.futility_level, steps=FUTILITY_STEPS)
         p1 = rule.lower(final_votes(top_votes, p1_rate), all_trials, *levels,
-                        steps=DECISION_STEPS)
+                        steps=FUTILITY_STEPS)
         p2 = stats.complement_up(p1)
     else:
         batch, k = tf.shape(top)[0], tf.shape(votes)[2]
@@ -394,12 +387,12 @@ def reachable_radius(rule: StoppingRule, votes: tf.Tensor, trials: tf.Tensor,
                            output_type=tf.int64)
         runner_votes = _class_votes(votes, runner)
         rates = rule.lower(tf.concat([trials - top_votes, runner_votes], axis=0), trials,
-                           rule.futility_level, steps=DECISION_STEPS)
+                           rule.futility_level, steps=FUTILITY_STEPS)
         p1_rate, p2_rate = stats.complement_up(rates[:batch]), rates[batch:]
         sides = [stats.to_float64(v) / (2.0 * tf.cast(k, tf.float64)) for v in levels]
         final = rule.lower(tf.concat([final_votes(top_votes, p1_rate),
                                       all_trials - final_votes(runner_votes, p2_rate)], axis=0),
-                           all_trials, *sides, steps=DECISION_STEPS)
+                           all_trials, *sides, steps=FUTILITY_STEPS)
         p1 = final[:batch]
         p2 = tf.minimum(stats.complement_up(final[batch:]), stats.complement_up(p1))
     if bound is None:
@@ -432,23 +425,14 @@ def look(rule: StoppingRule, votes: tf.Tensor, trials: tf.Tensor, future: tf.Ten
         ``(certificate, stop)``: ``prediction``, ``p1_lower``, ``p2_upper`` and one radius
         per name (float64 / int64 [images]); bool [images], the images that stop
         (target reached or out of reach, or ``min_gain``; none after the last look).
-        The certificate of an image that stops has its bounds bisected to the full
-        ``cs.BISECTION_STEPS``; the others', which decide only that they go on, to
-        ``DECISION_STEPS`` (sound, looser by at most 2**-20).
     """
-    def certificate(rows: tf.Tensor | None, steps: int) -> dict[str, tf.Tensor]:
-        chosen = votes if rows is None else tf.gather(votes, rows)
-        picked = selected if rows is None or selected is None else tf.gather(selected, rows)
-        p1, p2, top = look_bounds(rule, chosen, trials, levels[0], final_levels[0],
-                                  statistics, picked, steps)
-        prediction, radii = certify_bounds(p1, p2, top, sigma, names)
-        return {"prediction": prediction, "p1_lower": p1, "p2_upper": p2, **radii}
-
-    decision = certificate(None, DECISION_STEPS)
-    radius = decision[names[0]] if names else tf.zeros_like(decision["p1_lower"])
+    p1, p2, top = look_bounds(rule, votes, trials, levels[0], final_levels[0], statistics,
+                              selected)
+    prediction, radii = certify_bounds(p1, p2, top, sigma, names)
+    radius = radii[names[0]] if names else tf.zeros_like(p1)
     targets = stats.to_float64(targets)
     has_target = tf.math.is_finite(targets)
-    done = has_target & (decision["prediction"] != ABSTAIN) & (radius >= targets)
+    done = has_target & (prediction != ABSTAIN) & (radius >= targets)
 
     def reachable(rows: tf.Tensor) -> tf.Tensor:
         return reachable_radius(rule, tf.gather(votes, rows), trials, future, (levels[1],
@@ -466,12 +450,7 @@ def look(rule: StoppingRule, votes: tf.Tensor, trials: tf.Tensor, future: tf.Ten
     # Nothing to decide after the last look, nor when every image reached its target.
     stop = tf.cond((tf.size(future) > 0) & ~tf.reduce_all(done), give_up,
                    lambda: done | (tf.size(future) == 0))
-    stopping = tf.where(stop)[:, 0]
-    final = tf.cond(tf.size(stopping) > 0,
-                    lambda: certificate(stopping, cs.BISECTION_STEPS),
-                    lambda: {key: tf.gather(value, stopping) for key, value in decision.items()})
-    return {key: tf.tensor_scatter_nd_update(value, stopping[:, None], final[key])
-            for key, value in decision.items()}, stop
+    return {"prediction": prediction, "p1_lower": p1, "p2_upper": p2, **radii}, stop
 
 
 @functools.lru_cache(maxsize=None)
