@@ -34,7 +34,6 @@ The latency of the exported early-stopping signatures is measured by
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import platform
@@ -43,6 +42,7 @@ import sys
 import tempfile
 import time
 from typing import Callable
+from unittest import mock
 
 from absl import flags
 
@@ -298,19 +298,17 @@ def pass_size_throughput(model) -> dict:
     import numpy as np
 
     from tfcert import pass_sizes
-    from tfcert.keys import noise_block_size
     from tfcert.layers import GaussianNoise
     from tfcert.smoothing import SmoothedClassifier
 
     noise = GaussianNoise(FLAGS.sigma)
     images, _ = _test_images(8)
-    with tempfile.TemporaryDirectory() as cache, _environ({pass_sizes.CACHE_DIR_ENV: cache,
-                                                           pass_sizes.MODE_ENV: "calibrate"}):
+    with tempfile.TemporaryDirectory() as cache, mock.patch.dict(
+            os.environ, {pass_sizes.CACHE_DIR_ENV: cache, pass_sizes.MODE_ENV: "calibrate"}):
         default = SmoothedClassifier(model, 10, noise)
         memory_size = default.pass_size(IMAGE_SHAPE)
-        sizes = default.pass_size_candidates(IMAGE_SHAPE)
-        draws = pass_sizes.calibration_draws(pass_sizes.chunk_draws(
-            size, len(images), noise_block_size(IMAGE_SHAPE)) for size in sizes)
+        chunks = default.calibration_chunks(IMAGE_SHAPE, len(images))
+        sizes, draws = list(chunks), pass_sizes.calibration_draws(chunks.values())
         calibration_seconds = _timed(lambda: default.sample_counts(images, draws))
         chosen = default.pass_size(IMAGE_SHAPE)
     per_image = 128 if FLAGS.quick else 1024  # 8,192 draws per measurement
@@ -336,21 +334,6 @@ def pass_size_throughput(model) -> dict:
     return {"rates": rates, "memory_size": memory_size, "calibrated": chosen,
             "candidates": sizes, "best": best, "calibration_seconds": calibration_seconds,
             "calibration_draws": len(images) * draws, "art": art_status or "measured"}
-
-
-@contextlib.contextmanager
-def _environ(values: dict[str, str]):
-    """Environment variables set to ``values`` inside the block, restored after."""
-    saved = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def training_steps() -> dict:

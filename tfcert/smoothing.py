@@ -217,6 +217,14 @@ class SmoothedClassifier:
         shape = tuple(int(d) for d in image_shape)
         return pass_sizes.candidates(self._memory_pass_size(shape, None), self._pass_cap(shape))
 
+    def calibration_chunks(self, image_shape: Sequence[int], num_images: int) -> dict[int, int]:
+        """Pass size -> draws per image of one measurement, for a calibration on
+        ``num_images`` images (`pass_size_candidates`, `tfcert.pass_sizes.chunk_draws`);
+        a call calibrates when it has `tfcert.pass_sizes.calibration_draws` of them."""
+        shape = tuple(int(d) for d in image_shape)
+        return {size: pass_sizes.chunk_draws(size, num_images, noise_block_size(shape))
+                for size in self.pass_size_candidates(shape)}
+
     def _calibrates(self) -> bool:
         """Whether the automatic pass size is measured (see ``auto_pass_size``)."""
         return self.auto_pass_size == "calibrate" and self.strategy is None
@@ -333,7 +341,9 @@ class SmoothedClassifier:
         images = tf.constant(x)
         if batch_size:
             return self._counts(images, keys, int(num_samples), int(batch_size), int(first_draw))
-        size = self.pass_size(x.shape[1:])  # a stored calibration, else the memory size
+        # a calibration stored by this or an earlier process (then `_calibrated_counts`
+        # runs nothing), else the memory size
+        size = self.pass_size(x.shape[1:])
         calibrated = self._calibrated_counts(images, keys, int(num_samples), int(first_draw))
         if calibrated is not None:
             return calibrated
@@ -355,8 +365,7 @@ class SmoothedClassifier:
         shape = tuple(int(d) for d in images.shape[1:])
         if not self._calibrates() or self._calibrated.get(shape):
             return None
-        chunks = {size: pass_sizes.chunk_draws(size, len(images), noise_block_size(shape))
-                  for size in self.pass_size_candidates(shape)}
+        chunks = self.calibration_chunks(shape, len(images))
         if num_samples < pass_sizes.calibration_draws(chunks.values()):
             return None
         counts, done = 0, 0

@@ -12,8 +12,9 @@ regularizer's loss, accuracy, their val_ versions and val_noisy_accuracy) and
 trained and the best epoch); with ``tensorboard_dir``, Keras TensorBoard logs too.
 Validation uses ``validation_split`` of the training split, or the test split when it is
 0 (monitoring only); data of one split (a folder, a file, arrays) needs a
-``validation_split``, which is then its test split too.  ``patience=P`` stops when the validation accuracy under noise has
-not improved for P epochs and keeps the best epoch's weights (``best.weights.h5``).
+``validation_split``, which is then its test split too.  ``patience=P`` stops when the
+validation accuracy under noise has not improved for P epochs and keeps the best epoch's
+weights (``best.weights.h5``).
 
 An interrupted run resumes from its last finished epoch (``backup/``; the one before if
 the kill tore the last backup, `tfcert.training.SafeBackupAndRestore`), with ``patience``

@@ -152,11 +152,7 @@ def model_geometry(model) -> tuple[tuple[int, int, int], int, tuple[str, ...] | 
                     f"{model.output_shape}: pass --dataset")
         return shape, classes, None
     meta = data.info(FLAGS.dataset, FLAGS.data_dir, FLAGS.image_size)
-    cli.require(len(shape) == 3 and all(d in (None, m) for d, m in zip(shape, meta.image_shape))
-                and classes in (None, meta.num_classes),
-                f"the model (input {model.input_shape}, output {model.output_shape}) does not "
-                f"fit --dataset={FLAGS.dataset} (images {meta.image_shape}, "
-                f"{meta.num_classes} classes)")
+    cli.check_model_fits(model, meta, FLAGS.model, FLAGS.dataset)
     return meta.image_shape, meta.num_classes, meta.class_names
 
 
