@@ -56,6 +56,8 @@ flags.DEFINE_string("model", "runs/demo/train/model.keras",
 flags.DEFINE_float("sigma", 0.5, "Noise σ (the model's training σ for section 7).")
 flags.DEFINE_integer("rounds", 3, "Interleaved rounds of the throughput comparisons.",
                      lower_bound=1)
+flags.DEFINE_integer("verify_rounds", 30, "Section 3: rounds of the paired check of the "
+                     "default pass size against the sweep's best other size.", lower_bound=3)
 flags.DEFINE_integer("passes", 32, "Full passes per method and round in section 2.",
                      lower_bound=1)
 flags.DEFINE_integer("pass_size", None, "Noisy inputs per pass (default: the automatic size).")
@@ -84,6 +86,10 @@ flags.DEFINE_list("early_methods", ["mixture", "betting", "checkpoints"],
                   "Section 7 early stopping: methods (tfcert.sequential.METHODS).")
 flags.DEFINE_enum("early_statistics", "simultaneous", ["simultaneous", "cohen"],
                   "Section 7 early stopping: statistics of every run.")
+flags.DEFINE_integer("early_selection_samples", 100, "Section 7 early stopping, "
+                     "--early_statistics=cohen: selection draws per image of the early-stopping "
+                     "runs (counted in their samples); the fixed-n run keeps Cohen's n0 = 100.",
+                     lower_bound=1)
 flags.DEFINE_list("early_bounds", ["renyi", "cohen"], "Section 7 early stopping: radii; the "
                   "first is compared with --target_radius.")
 flags.DEFINE_float("alpha", 0.001, "α of the certificates.")
@@ -103,7 +109,7 @@ def main(argv: list[str]) -> None:
     unknown = sorted(set(FLAGS.sections) - set(SECTIONS))
     cli.require(not unknown, f"unknown --sections {unknown}; choose from {list(SECTIONS)}")
     if FLAGS.quick:
-        for name, value in (("rounds", 1), ("passes", 1), ("naive_samples", 8),
+        for name, value in (("rounds", 1), ("verify_rounds", 3), ("passes", 1), ("naive_samples", 8),
                             ("num_images", 6), ("num_samples", 200), ("pass_size", 64),
                             ("export_samples", ["200"])):
             setattr(FLAGS, name, value)
@@ -187,27 +193,37 @@ def _timed(fn: Callable[[], object]) -> float:
 
 
 def _interleaved(work: dict[str, tuple[Callable[[], object], int]], rounds: int) -> dict:
-    """Runs each ``name: (fn, samples)`` once per round, in turn; after a warm-up call.
+    """Runs each ``name: (fn, samples)`` once per round, in a random order per round
+    (seeded: no entry always runs first or after the same one); after a warm-up call.
 
-    Returns per name: samples/s per round, the median, and the median over rounds of
-    the ratio to the first entry's time in the same round (same load).
+    Returns per name: samples/s per round, the median, the median over rounds of the
+    ratio to the first entry's rate in the same round (same load), and, from 3 rounds
+    on, the geometric mean of those ratios with its 95% Student-t interval (of the mean
+    log ratio; the rounds are taken as independent pairs).
     """
     import numpy as np
+    from scipy import stats
 
     for fn, _ in work.values():
         fn()
     seconds = {name: [] for name in work}
+    order = np.random.default_rng(0)
     for _ in range(rounds):
-        for name, (fn, _) in work.items():
-            seconds[name].append(_timed(fn))
-    reference = np.array(seconds[next(iter(work))])
+        for name in order.permutation(list(work)):
+            seconds[name].append(_timed(work[name][0]))
+    reference = next(iter(work))
+    ref_rate = work[reference][1] / np.array(seconds[reference])
     out = {}
     for name, (_, samples) in work.items():
-        times = np.array(seconds[name])
-        rate = samples / times
-        ref_rate = work[next(iter(work))][1] / reference
+        rate = samples / np.array(seconds[name])
+        logs = np.log(rate / ref_rate)
         out[name] = {"samples_per_s": rate.tolist(), "median_samples_per_s": float(np.median(rate)),
-                     "ratio_to_reference": float(np.median(rate / ref_rate))}
+                     "ratio_to_reference": float(np.exp(np.median(logs)))}
+        if rounds >= 3 and name != reference:
+            half = stats.t.ppf(0.975, rounds - 1) * logs.std(ddof=1) / np.sqrt(rounds)
+            out[name].update(geometric_mean_ratio=float(np.exp(logs.mean())),
+                             ratio_interval_95=[float(np.exp(logs.mean() - half)),
+                                                float(np.exp(logs.mean() + half))])
     return out
 
 
@@ -290,7 +306,9 @@ def _art_work(model, images, sigma: float, work: dict) -> str | None:
 
 def pass_size_throughput(model) -> dict:
     """[3] `sample_counts` samples/s at the calibrated default pass size, at every
-    candidate size, at the memory heuristic's size, and ART's certify, interleaved.
+    candidate size, at the memory heuristic's size, and ART's certify, interleaved;
+    then the paired check of the default against the sweep's best other size
+    (`_within_one_percent`).
 
     The default is calibrated afresh (an empty temporary ``TFCERT_CACHE_DIR``), by the
     first ``sample_counts`` call as a user's would; that call's time is reported too.
@@ -314,8 +332,9 @@ def pass_size_throughput(model) -> dict:
     per_image = 128 if FLAGS.quick else 1024  # 8,192 draws per measurement
     work = {f"default (calibrated: {chosen})": (
         lambda: default.sample_counts(images, per_image), len(images) * per_image)}
-    for size in sorted({*sizes, memory_size}):
-        label = f"pass size {size}" + (" (memory heuristic)" if size == memory_size else "")
+    labels = {size: f"pass size {size}" + (" (memory heuristic)" if size == memory_size else "")
+              for size in sorted({*sizes, memory_size})}
+    for size, label in labels.items():
         work[label] = (lambda size=size: default.sample_counts(images, per_image, size),
                        len(images) * per_image)
     art_status = _art_work(model, images[:max(1, len(images) * per_image // 1000)],
@@ -331,9 +350,35 @@ def pass_size_throughput(model) -> dict:
           f"(the first call's own; at the default's rate {len(images) * draws / default_rate:.1f} s)")
     if art_status:
         print(f"    ART: {art_status}")
+    challenger = max((size for size in labels if size != chosen),
+                     key=lambda size: relative[labels[size]])
+    verify = _within_one_percent(default, images, per_image, chosen, challenger)
     return {"rates": rates, "memory_size": memory_size, "calibrated": chosen,
             "candidates": sizes, "best": best, "calibration_seconds": calibration_seconds,
-            "calibration_draws": len(images) * draws, "art": art_status or "measured"}
+            "calibration_draws": len(images) * draws, "art": art_status or "measured",
+            "verify": verify}
+
+
+def _within_one_percent(default, images, per_image: int, chosen: int, challenger: int) -> dict:
+    """[3] Is the default pass size within 1% of the best?  ``--verify_rounds`` fresh
+    rounds of the default and the sweep's fastest other size (``challenger``), in random
+    order per round: the 95% interval of the challenger's speed over the default's
+    decides: at most 1.01 = within 1% (verified), above 1.01 = not within, else
+    undecided at this machine's noise.  Fresh rounds, so the sweep's luck in picking
+    the challenger does not bias it."""
+    work = {f"default (calibrated: {chosen})": (
+        lambda: default.sample_counts(images, per_image), len(images) * per_image),
+        f"pass size {challenger} (sweep's best other)": (
+        lambda: default.sample_counts(images, per_image, challenger), len(images) * per_image)}
+    rates = _interleaved(work, FLAGS.verify_rounds)
+    other = rates[list(work)[1]]
+    low, high = other["ratio_interval_95"]
+    verdict = ("verified: within 1%" if high <= 1.01 else
+               "not within 1%" if low > 1.01 else "undecided at this noise")
+    print(f"    paired check, {FLAGS.verify_rounds} rounds: pass size {challenger} / default "
+          f"{other['geometric_mean_ratio']:.4f} (95% interval {low:.4f}-{high:.4f}): "
+          f"{verdict}")
+    return {"rates": rates, "challenger": challenger, "verdict": verdict}
 
 
 def training_steps() -> dict:
@@ -504,13 +549,17 @@ def early_stopping_comparison(model) -> dict:
     wald = _wald(smoothed, x, fixed, n, sigma, target)
     for method in FLAGS.early_methods:
         start = time.perf_counter()
-        runs[method] = certify_sequential(smoothed, x, n, StoppingRule(target, method), **options)
+        runs[method] = certify_sequential(
+            smoothed, x, n, StoppingRule(target, method),
+            num_selection_samples=FLAGS.early_selection_samples, **options)
         seconds[method] = time.perf_counter() - start
     rows = {name: _early_stopping_row(cert, fixed, y, target, seconds[name], n, wald["samples"])
             for name, cert in runs.items()}
+    selection = (f" (selection draws: fixed n 100, early stopping "
+                 f"{FLAGS.early_selection_samples})" if FLAGS.early_statistics == "cohen" else "")
     print(f"\n[7] early stopping at r = {target} ({FLAGS.early_bounds[0]}), {FLAGS.early_dataset}, "
           f"{len(x)} test images, σ = {sigma}, α = {FLAGS.alpha}, {FLAGS.early_statistics} "
-          f"statistics, at most {n} samples, seed {EARLY_STOPPING_SEED}")
+          f"statistics{selection}, at most {n} samples, seed {EARLY_STOPPING_SEED}")
     print(f"    Wald's bound: p* = {wald['p_star']:.4f}, p from {wald['draws']} draws per image, "
           f"{np.mean(wald['samples']):.1f} samples per image")
     print(f"    {'method':16s} {'samples/image':>13s} {'fewer':>7s} {'x Wald':>7s} "
@@ -523,6 +572,7 @@ def early_stopping_comparison(model) -> dict:
     return {"dataset": FLAGS.early_dataset, "images": len(x), "max_samples": n,
             "alpha": FLAGS.alpha, "sigma": sigma, "target_radius": target,
             "statistics": FLAGS.early_statistics, "bounds": FLAGS.early_bounds,
+            "selection_samples": FLAGS.early_selection_samples,
             "seed": EARLY_STOPPING_SEED, "runs": rows, "image_classes": classes,
             "wald": {"p_star": wald["p_star"], "draws": wald["draws"],
                      "mean_samples": float(np.mean(wald["samples"])),

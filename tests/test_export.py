@@ -40,6 +40,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIGMA, NUM_SAMPLES, ALPHA, PASS_SIZE = 0.25, 1000, 0.001, 256
 SEEDS = [11, 12, 13, 14, 15, 16, 17, 2**40 + 5]
 TARGETS = [0.25, 0.0, 0.1, 0.25, 0.4, 0.25, 1.0, 0.25]  # certify_target requests, per image
+CLI_SELECTION = 8  # the CLI export's certify_target: Cohen's statistics, 8 selection draws
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": ""}
 
 # Runs in a fresh interpreter with TensorFlow only: tfcert, TFP and Keras cannot be
@@ -210,7 +211,8 @@ def exports(trained, tmp_path_factory) -> dict:
     cli = start([sys.executable, "export", f"--model={trained.model_path}", f"--sigma={SIGMA}",
                  f"--num_samples={NUM_SAMPLES}", f"--alpha={ALPHA}", f"--pass_size={PASS_SIZE}",
                  "--serving_device=gpu", f"--base_dir={base}", "--name=digits",
-                 "--dataset=digits"], env={**ENV, "PYTHONPATH": str(shadow)}, cwd=ROOT)
+                 "--dataset=digits", "--target_statistics=cohen",
+                 f"--target_selection_samples={CLI_SELECTION}"], env={**ENV, "PYTHONPATH": str(shadow)}, cwd=ROOT)
     paths = {"randdisc": str(base / "randdisc" / "1"), "big": str(base / "big" / "1")}
     randdisc = RandomizedDiscretization(2, 0.15, 0.15)
     export.export_saved_model(SmoothedClassifier(trained.model, 10, randdisc), paths["randdisc"],
@@ -417,7 +419,8 @@ def test_warmup_file_holds_one_valid_predict_request_per_signature(exports):
         assert request == expected, name
     for name, outputs in _session_replay(exports["main"], requests).items():
         assert {np.shape(value)[0] for value in outputs.values()} == {1}, name
-        drawn = outputs["num_samples"].sum() if "target" in name else NUM_SAMPLES
+        # certify_target's num_samples: its estimation draws and the selection draws
+        drawn = outputs["num_samples"].sum() - CLI_SELECTION if "target" in name else NUM_SAMPLES
         assert outputs["counts"].sum() == drawn <= NUM_SAMPLES, name
 
 
@@ -563,6 +566,7 @@ def test_cli_prints_signatures_and_versioned_path(exports):
     assert f"pass_size={PASS_SIZE} (serving_device=gpu)" in stdout
     looks = StoppingRule(0.0).looks(NUM_SAMPLES)  # --stopping_method=mixture by default
     assert f"certify_target: mixture, {len(looks)} looks [{looks[0]}, " in stdout
+    assert f"{NUM_SAMPLES}], Cohen's statistics with {CLI_SELECTION} selection draws" in stdout
     assert f"warmup: {export.WARMUP_FILE}, one request per signature for model 'digits'" in stdout
 
 
@@ -694,7 +698,10 @@ def test_export_argument_checks(tmp_path):
     path = str(tmp_path / "1")
     for kwargs, message in (({"bound": "lp"}, "unknown bound"), ({"alpha": 1.0}, "alpha"),
                             ({"num_samples": 0}, "num_samples"), ({"pass_size": 0}, "pass_size"),
-                            ({"serving_device": "tpu"}, "serving_device")):
+                            ({"serving_device": "tpu"}, "serving_device"),
+                            ({"target_statistics": "bonferroni"}, "statistics"),
+                            ({"target_statistics": "cohen", "target_selection_samples": 0},
+                             "target_selection_samples")):
         args = {"num_samples": 10, "alpha": ALPHA, **kwargs}
         with pytest.raises(ValueError, match=message):
             export.export_saved_model(smoothed, path, **args)
@@ -1004,6 +1011,8 @@ def test_target_signatures_have_core_ops_only_and_the_schedule_in_the_config(tar
         assert config["target_final_level"] == plan.final_level
         assert config["futility_level"] == rule.futility_level
         assert config["prior"] == list(rule.prior)
+        assert config["target_statistics"] == "simultaneous"
+        assert config["target_selection_samples"] == 0
     checkpoints = export.read_config(target_exports.paths["checkpoints"])
     assert checkpoints["target_looks"] == [100, 200, 400, 800, 1600, 2000]
     # 1e-15: a float64 sum of 6 shares of α = 1e-3 rounds by < 6 · 2**-53 · 1e-3
@@ -1040,16 +1049,20 @@ def test_certify_target_is_sound_on_a_linear_classifier(target_exports, linear_p
 
 @pytest.mark.slow  # shares the ~1 min `served` setup
 def test_target_signatures_in_a_tensorflow_only_process(served, trained):
-    """The CLI export's certify_target_seeded (n = 1,000) without tfcert: repeatable, the
-    library's sequential answers, the same through the REST JSON mapping."""
+    """The CLI export's certify_target_seeded (n = 1,000, Cohen's statistics with
+    CLI_SELECTION selection draws) without tfcert: repeatable, the library's sequential
+    answers, the same through the REST JSON mapping."""
     first, second = (arrays(s) for s in served["target_seeded"])
     default = StoppingRule(0.0)  # the CLI's --stopping_method=mixture and its schedule
     assert served["asset"]["stopping_method"] == "mixture"
     assert served["asset"]["target_looks"] == list(default.looks(NUM_SAMPLES))
+    assert served["asset"]["target_statistics"] == "cohen"
+    assert served["asset"]["target_selection_samples"] == CLI_SELECTION
     smoothed = SmoothedClassifier(trained.model, 10, GaussianNoise(SIGMA))
     for i, seed in enumerate(SEEDS):
         ref = certify_sequential(smoothed, trained.images[i:i + 1], NUM_SAMPLES,
-                                 StoppingRule(TARGETS[i]), ALPHA,
+                                 StoppingRule(TARGETS[i]), ALPHA, statistics="cohen",
+                                 num_selection_samples=CLI_SELECTION,
                                  batch_size=PASS_SIZE, seed=seed)
         for key in ("prediction", "num_samples", "counts"):
             np.testing.assert_array_equal(first[key][i], getattr(ref, key)[0], err_msg=key)
@@ -1057,9 +1070,10 @@ def test_target_signatures_in_a_tensorflow_only_process(served, trained):
     for key in first:
         np.testing.assert_array_equal(second[key], first[key])
         np.testing.assert_array_equal(rest[key], first[key])
-    fresh = arrays(served["target_fresh"])
-    np.testing.assert_array_equal(fresh["counts"].sum(axis=1), fresh["num_samples"])
-    assert np.all(fresh["num_samples"] <= NUM_SAMPLES)
+    fresh = arrays(served["target_fresh"])  # num_samples: the selection draws too
+    np.testing.assert_array_equal(fresh["counts"].sum(axis=1) + CLI_SELECTION,
+                                  fresh["num_samples"])
+    assert np.all(fresh["num_samples"] <= NUM_SAMPLES + CLI_SELECTION)
 
 
 def client_rows(response: dict) -> dict:

@@ -17,11 +17,11 @@ import numpy as np
 import tensorflow as tf
 
 import tfcert
-from tfcert.certificate import ABSTAIN, RADII, certify_counts, predict_counts
+from tfcert.certificate import ABSTAIN, RADII, check_statistics, certify_counts, predict_counts
 from tfcert.devices import PASS_DEVICES
 from tfcert.export.reading import CONFIG_ASSET, FORBIDDEN_OPS, forbidden_ops
 from tfcert.export.warmup import WARMUP_FILE, WARMUP_PIXEL, write_warmup_requests
-from tfcert.keys import ESTIMATION, draw_keys
+from tfcert.keys import ESTIMATION, SELECTION, draw_keys
 from tfcert.sequential import Plan, StoppingRule, look
 from tfcert.smoothing import SmoothedClassifier
 
@@ -62,6 +62,10 @@ class ExportConfig:
             none), `StoppingRule.final_level`; with ``target_levels`` it sums to α.
         futility_level, min_gain, prior, bet_truncation: the other fields of the
             `tfcert.sequential.StoppingRule` (the target comes with each request).
+        target_statistics: statistics of ``certify_target``: ``"simultaneous"`` (as the
+            fixed-n signatures) or ``"cohen"`` (a class selected on separate draws).
+        target_selection_samples: Cohen's selection draws per image of ``certify_target``
+            (0 under simultaneous statistics), counted in its ``num_samples``.
     """
 
     num_samples: int
@@ -83,6 +87,8 @@ class ExportConfig:
     min_gain: float | None
     prior: tuple[float, float]
     bet_truncation: float
+    target_statistics: str
+    target_selection_samples: int
 
     def plan(self) -> Plan:
         """The looks and levels of ``certify_target`` (`StoppingRule.plan`)."""
@@ -102,10 +108,12 @@ class ExportConfig:
             **dataclasses.asdict(self),
             "statistics": "simultaneous Clopper-Pearson over all classes (Bonferroni alpha/k), "
                           "STN Section 4; certify_target: tfcert.sequential with "
-                          f"method '{self.stopping_method}' and simultaneous statistics, "
-                          "look j after target_looks[j] draws at level target_levels[j] "
-                          "(plus Clopper-Pearson bounds at target_final_level at the last "
-                          "look)",
+                          f"method '{self.stopping_method}' and {self.target_statistics} "
+                          "statistics (cohen: the class with the most of "
+                          "target_selection_samples separate draws, one lower bound at "
+                          "each look's level, p2_upper = 1 - p1_lower), look j after "
+                          "target_looks[j] draws at level target_levels[j] (plus "
+                          "Clopper-Pearson bounds at target_final_level at the last look)",
             "signatures": {
                 "serving_default": "certify with fresh noise: prediction (int64, -1 abstain), "
                                    "radius (float32), counts (int64), p1_lower, p2_upper "
@@ -130,7 +138,9 @@ def export_saved_model(smoothed: SmoothedClassifier, path: str, num_samples: int
                        image_shape: Sequence[int] | None = None,
                        serving_device: str = "cpu", model_name: str | None = None,
                        metadata: Mapping[str, Any] | None = None,
-                       early_stopping: StoppingRule | None = None) -> ExportConfig:
+                       early_stopping: StoppingRule | None = None,
+                       target_statistics: str = "simultaneous",
+                       target_selection_samples: int = 100) -> ExportConfig:
     """Writes ``smoothed`` as a TF Serving SavedModel at ``path`` (see the module docstring).
 
     The directory is written next to ``path`` under a temporary name (a hidden
@@ -168,6 +178,14 @@ def export_saved_model(smoothed: SmoothedClassifier, path: str, num_samples: int
             confidence sequence with the library's schedule, as
             ``SmoothedClassifier.certify(..., early_stopping=...)``; the looks
             ``n_1 < … < n_J = num_samples`` are `StoppingRule.plan`'s.
+        target_statistics: statistics of ``certify_target``, as
+            ``SmoothedClassifier.certify``'s ``statistics``: ``"simultaneous"`` (every
+            class bounded at α/(2k), the fixed-n signatures' statistics) or ``"cohen"``
+            (the class with the most of ``target_selection_samples`` separate draws gets
+            one lower bound at the look's level, ``p2_upper = 1 − p1_lower``).
+        target_selection_samples: Cohen's selection draws per image of
+            ``certify_target`` under ``target_statistics="cohen"`` (counted in its
+            ``num_samples``; with early stopping a few suffice, docs/PERFORMANCE.md).
 
     Returns:
         The `ExportConfig` baked into the export.
@@ -182,7 +200,8 @@ def export_saved_model(smoothed: SmoothedClassifier, path: str, num_samples: int
     config = _config(smoothed, num_samples, alpha, bound, pass_size, predict_num_samples,
                      image_shape, serving_device,
                      model_name or os.path.basename(os.path.dirname(path)),
-                     StoppingRule(0.0) if early_stopping is None else early_stopping)
+                     StoppingRule(0.0) if early_stopping is None else early_stopping,
+                     target_statistics, target_selection_samples)
     if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
         raise FileExistsError(f"{path} already exists; choose a new version directory")
     parent = os.path.dirname(path)
@@ -307,7 +326,8 @@ def _check_serving_device(serving_device: str) -> None:
 def _config(smoothed: SmoothedClassifier, num_samples: int, alpha: float, bound: str,
             pass_size: int | None, predict_num_samples: int | None,
             image_shape: Sequence[int] | None, serving_device: str,
-            model_name: str, rule: StoppingRule) -> ExportConfig:
+            model_name: str, rule: StoppingRule, target_statistics: str,
+            target_selection_samples: int) -> ExportConfig:
     _check_serving_device(serving_device)
     if not isinstance(smoothed, SmoothedClassifier):
         raise TypeError(f"expected a SmoothedClassifier, got {type(smoothed).__name__}")
@@ -320,6 +340,10 @@ def _config(smoothed: SmoothedClassifier, num_samples: int, alpha: float, bound:
                          ("predict_num_samples", predict_num_samples)):
         if value is not None and (int(value) != value or value < 1):
             raise ValueError(f"{label} must be a positive integer, got {value}")
+    check_statistics(target_statistics)
+    if int(target_selection_samples) != target_selection_samples or target_selection_samples < 1:
+        raise ValueError(f"target_selection_samples must be a positive integer, got "
+                         f"{target_selection_samples}")
     if image_shape is None:
         image_shape = tuple(smoothed.base_model.input_shape[1:])
     if len(image_shape) != 3 or not all(isinstance(d, int) and d > 0 for d in image_shape):
@@ -340,7 +364,10 @@ def _config(smoothed: SmoothedClassifier, num_samples: int, alpha: float, bound:
         stopping_method=rule.method, target_looks=plan.looks, target_levels=plan.levels,
         target_final_level=plan.final_level, futility_level=float(rule.futility_level),
         min_gain=None if rule.min_gain is None else float(rule.min_gain),
-        prior=tuple(float(v) for v in rule.prior), bet_truncation=float(rule.bet_truncation))
+        prior=tuple(float(v) for v in rule.prior), bet_truncation=float(rule.bet_truncation),
+        target_statistics=target_statistics,
+        target_selection_samples=int(target_selection_samples) if target_statistics == "cohen"
+        else 0)
 
 
 def _serving_module(smoothed: SmoothedClassifier, config: ExportConfig,
@@ -362,7 +389,10 @@ def _serving_module(smoothed: SmoothedClassifier, config: ExportConfig,
                                ("stopping_method", config.stopping_method, tf.string),
                                ("target_looks", config.target_looks, tf.int64),
                                ("target_levels", config.target_levels, tf.float64),
-                               ("target_final_level", config.target_final_level, tf.float64)):
+                               ("target_final_level", config.target_final_level, tf.float64),
+                               ("target_statistics", config.target_statistics, tf.string),
+                               ("target_selection_samples", config.target_selection_samples,
+                                tf.int64)):
         setattr(module, name, tf.Variable(value, dtype=dtype, trainable=False, name=name))
 
     images_spec = tf.TensorSpec([None, *config.image_shape], tf.float32, name="images")
@@ -384,11 +414,11 @@ def _serving_module(smoothed: SmoothedClassifier, config: ExportConfig,
 
     def certify_target(images, target_radius):
         images = votes.checked(images)
-        return _certify_target(votes, images, votes.fresh_keys(images), target_radius, config)
+        return _certify_target(votes, images, votes.fresh_run(images), target_radius, config)
 
     def certify_target_seeded(images, target_radius, seed):
         images = votes.checked(images)
-        return _certify_target(votes, images, votes.seeded_keys(images, seed), target_radius,
+        return _certify_target(votes, images, votes.seeded_run(images, seed), target_radius,
                                config)
 
     functions = {"serving_default": (certify, [images_spec]),
@@ -422,36 +452,36 @@ class _VoteCounter:
         self.pass_size = config.pass_size
 
     def fresh(self, images: tf.Tensor, num_samples: int) -> tf.Tensor:
-        """Votes with unpredictable noise (`fresh_keys`)."""
+        """Votes with unpredictable noise (`fresh_run`)."""
         images = self.checked(images)
-        return self.count(images, self.fresh_keys(images), num_samples)
+        return self.count(images, _stream_keys(self.fresh_run(images), ESTIMATION), num_samples)
 
     def seeded(self, images: tf.Tensor, seed: tf.Tensor, num_samples: int) -> tf.Tensor:
-        """Votes of each image keyed by its seed (`seeded_keys`): the votes of
+        """Votes of each image keyed by its seed (`seeded_run`): the votes of
         ``SmoothedClassifier.sample_counts(image[None], n, seed=seed_i)``, whatever else
         is in the request."""
         images = self.checked(images)
-        return self.count(images, self.seeded_keys(images, seed), num_samples)
+        return self.count(images, _stream_keys(self.seeded_run(images, seed), ESTIMATION),
+                          num_samples)
 
     @staticmethod
-    def fresh_keys(images: tf.Tensor) -> tf.Tensor:
-        """Noise keys of a run key drawn from OS entropy per call, image ``b`` of the
-        request keyed by its position ``b``."""
+    def fresh_run(images: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """(run key, image indices) of a request with fresh noise: a run key drawn from OS
+        entropy per call, image ``b`` of the request keyed by its position ``b``
+        (`tfcert.keys.draw_keys` makes each stream's noise keys of them)."""
         entropy = tf.raw_ops.RandomUniformInt(shape=[2], minval=tf.constant(_INT64.min),
                                               maxval=tf.constant(_INT64.max), seed=0, seed2=0)
-        positions = tf.range(tf.shape(images, out_type=tf.int64)[0])
-        return draw_keys(entropy, ESTIMATION, positions)
+        return entropy, tf.range(tf.shape(images, out_type=tf.int64)[0])
 
     @staticmethod
-    def seeded_keys(images: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-        """Noise keys of run key ``[seed_i, 0]`` and index 0 per image (checked: one seed
-        per image)."""
+    def seeded_run(images: tf.Tensor, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """(run keys, image indices) of a seeded request: run key ``[seed_i, 0]`` and
+        index 0 per image (checked: one seed per image)."""
         check = tf.debugging.assert_equal(tf.shape(seed)[0], tf.shape(images)[0],
                                           message="seed must have one entry per image")
         with tf.control_dependencies([check]):
             seed = tf.cast(seed, tf.int64)
-        keys = tf.stack([seed, tf.zeros_like(seed)], axis=1)
-        return draw_keys(keys, ESTIMATION, tf.zeros_like(seed))
+        return tf.stack([seed, tf.zeros_like(seed)], axis=1), tf.zeros_like(seed)
 
     def count(self, images: tf.Tensor, keys: tf.Tensor, num_samples: int | tf.Tensor,
               first_draw: int | tf.Tensor = 0) -> tf.Tensor:
@@ -509,10 +539,14 @@ def _checked_targets(target_radius: tf.Tensor, batch: tf.Tensor) -> tf.Tensor:
         return tf.cast(target, tf.float64)
 
 
-def _certify_target(votes: _VoteCounter, images: tf.Tensor, keys: tf.Tensor,
+def _certify_target(votes: _VoteCounter, images: tf.Tensor, run: tuple[tf.Tensor, tf.Tensor],
                     target_radius: tf.Tensor, config: ExportConfig) -> dict[str, tf.Tensor]:
-    """`tfcert.sequential.run_sequential` (simultaneous statistics) as one
-    ``tf.while_loop`` over the looks, each calling `tfcert.sequential.look`.
+    """`tfcert.sequential.run_sequential` as one ``tf.while_loop`` over the looks, each
+    calling `tfcert.sequential.look`, on the noise of ``run`` (run key(s), image indices).
+
+    Under Cohen's statistics each image's class is first selected on
+    ``target_selection_samples`` draws of the `SELECTION` stream (`_selected`), as
+    `tfcert.sequential.certify_sequential` does.
 
     Look j samples draws ``n_{j−1} … n_j − 1`` of the undecided images only (gathered
     into the same passes, `SmoothedClassifier.count_votes`), stores them as the votes of
@@ -523,6 +557,8 @@ def _certify_target(votes: _VoteCounter, images: tf.Tensor, keys: tf.Tensor,
     """
     batch = tf.shape(images, out_type=tf.int64)[0]
     target = _checked_targets(target_radius, batch)
+    keys, selected = _stream_keys(run, ESTIMATION), _selected(votes, images, run, config)
+    spent = tf.constant(config.target_selection_samples, tf.int64)
     rule, plan = config.stopping_rule(), config.plan()
     num_looks = len(plan.looks)
     looks, trials = tf.constant(plan.looks, tf.int64), tf.constant(plan.trials, tf.int64)
@@ -544,11 +580,12 @@ def _certify_target(votes: _VoteCounter, images: tf.Tensor, keys: tf.Tensor,
                           trials[j + 1:], tf.stack([levels[j], levels[-1]]),
                           tf.stack([tf.where(last, final, tf.zeros_like(final)), final]),
                           tf.gather(target, active), config.sigma, _names(config),
-                          "simultaneous")
+                          config.target_statistics,
+                          None if selected is None else tf.gather(selected, active))
         cert = {"prediction": cert["prediction"], "p1_lower": cert["p1_lower"],
                 "p2_upper": cert["p2_upper"],
                 "radius": cert.get(config.bound, tf.zeros_like(cert["p1_lower"])),
-                "num_samples": tf.fill(tf.shape(active), looks[j])}
+                "num_samples": tf.fill(tf.shape(active), looks[j] + spent)}
         result = {key: tf.tensor_scatter_nd_update(value, active[:, None], cert[key])
                   for key, value in result.items()}
         return j + 1, tf.boolean_mask(active, ~stop), votes_so_far, result
@@ -563,6 +600,22 @@ def _certify_target(votes: _VoteCounter, images: tf.Tensor, keys: tf.Tensor,
         maximum_iterations=num_looks)
     return {**result, "radius": _float32_round_down(result["radius"]),
             "counts": tf.reduce_sum(votes_so_far, axis=1)}
+
+
+def _stream_keys(run: tuple[tf.Tensor, tf.Tensor], stream: int) -> tf.Tensor:
+    """The noise keys of ``stream`` of a request's ``run`` = (run key(s), image indices)."""
+    return draw_keys(run[0], stream, run[1])
+
+
+def _selected(votes: _VoteCounter, images: tf.Tensor, run: tuple[tf.Tensor, tf.Tensor],
+              config: ExportConfig) -> tf.Tensor | None:
+    """Cohen's selection (`SmoothedClassifier.select`): int64 [batch], each image's class
+    with the most of ``target_selection_samples`` votes of the `SELECTION` stream; None
+    under simultaneous statistics."""
+    if config.target_statistics != "cohen":
+        return None
+    counts = votes.count(images, _stream_keys(run, SELECTION), config.target_selection_samples)
+    return tf.argmax(counts, axis=-1, output_type=tf.int64)
 
 
 def _prediction(counts: tf.Tensor, alpha: float) -> dict[str, tf.Tensor]:

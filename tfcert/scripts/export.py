@@ -9,7 +9,9 @@ the graph, with TF Serving warmup requests in ``assets.extra/``, and prints its
 signatures and path.  ``--serving_device=gpu`` sizes the sampling passes for a GPU
 server (``--pass_size`` sets them explicitly); ``--stopping_method``,
 ``--first_checkpoint`` and ``--checkpoint_growth`` set the bounds and looks of the
-early-stopping signatures (``certify_target``; as certify.py's flags of the same names).  Serve it with TF
+early-stopping signatures (``certify_target``; as certify.py's flags of the same names),
+``--target_statistics`` and ``--target_selection_samples`` their statistics (as
+certify.py's ``--statistics`` and ``--num_selection_samples``).  Serve it with TF
 Serving as described in the checkout's export/README.md.  Thin over
 :func:`tfcert.export.export_saved_model`.
 """
@@ -70,6 +72,14 @@ flags.DEFINE_integer("first_checkpoint", None, "certify_target signatures: draws
 flags.DEFINE_float("checkpoint_growth", None, "certify_target signatures: each look at "
                    "least this many times the previous look's draws (> 1), the last at "
                    "--num_samples (default: the method's, 1.1, or 2 for checkpoints).")
+flags.DEFINE_enum("target_statistics", "simultaneous", ["simultaneous", "cohen"],
+                  "certify_target signatures: statistics, as certify.py's --statistics: "
+                  "simultaneous (every class bounded at alpha/(2k), as the fixed-n "
+                  "signatures) or cohen (a class selected on --target_selection_samples "
+                  "separate draws gets one lower bound, p2_upper = 1 - p1_lower).")
+flags.DEFINE_integer("target_selection_samples", 100, "certify_target signatures with "
+                     "--target_statistics=cohen: selection draws per image (counted in "
+                     "num_samples; with early stopping a few suffice, e.g. 8).", lower_bound=1)
 flags.DEFINE_string("base_dir", "serving", "TF Serving model base folder.")
 flags.DEFINE_string("name", "tfcert", "Model name (the folder under --base_dir and the name "
                     "in /v1/models/<name>).")
@@ -115,7 +125,9 @@ def run(argv: list[str]) -> None:
             serving_device=FLAGS.serving_device, model_name=FLAGS.name, metadata=metadata,
             early_stopping=StoppingRule(0.0, FLAGS.stopping_method,
                                         first_look=FLAGS.first_checkpoint,
-                                        growth=FLAGS.checkpoint_growth))
+                                        growth=FLAGS.checkpoint_growth),
+            target_statistics=FLAGS.target_statistics,
+            target_selection_samples=FLAGS.target_selection_samples)
     except (ValueError, OSError) as err:  # OSError: version taken, --base_dir not a folder
         raise cli.CliError(str(err)) from err
     print(export.signature_summary(path))
@@ -124,10 +136,17 @@ def run(argv: list[str]) -> None:
           f"pass_size={config.pass_size} (serving_device={config.serving_device}), "
           f"classes={config.num_classes}, images={list(config.image_shape)}, "
           f"certify_target: {config.stopping_method}, {len(config.target_looks)} looks "
-          f"{_abridged(config.target_looks)}")
+          f"{_abridged(config.target_looks)}{_selection(config)}")
     print(f"warmup: {export.WARMUP_FILE}, one request per signature for model "
           f"'{config.model_name}'")
     print(f"SavedModel written to {path}")
+
+
+def _selection(config) -> str:
+    """", Cohen's statistics with s selection draws" where they apply."""
+    if config.target_statistics != "cohen":
+        return ""
+    return f", Cohen's statistics with {config.target_selection_samples} selection draws"
 
 
 def _abridged(looks: tuple[int, ...]) -> str:
