@@ -126,12 +126,14 @@ def main(argv: list[str]) -> None:
         "export": lambda: export_latency(model),
         "certification": lambda: certification(model),
     }
-    if not trained and "certification" in FLAGS.sections:
+    # Section 7 needs the trained --model, except for early stopping alone on --early_model.
+    certifiable = trained or (FLAGS.early_model and not FLAGS.precision_comparison)
+    if not certifiable and "certification" in FLAGS.sections:
         print(f"\n[7] skipped: {FLAGS.model} not found; train one with\n    python train.py "
               "--dataset=mnist_subset --method=stn --sigma=0.5 --epochs=3 "
               "--output_dir=/tmp/perf_model")
     for name in SECTIONS:
-        if name in FLAGS.sections and (trained or name != "certification"):
+        if name in FLAGS.sections and (certifiable or name != "certification"):
             report[name] = {"load_before": os.getloadavg()[0], **sections[name]()}
     report["load_end"] = os.getloadavg()
     if FLAGS.output_json:
