@@ -6,7 +6,7 @@
 
 Exports the smoothed classifier once per ``--methods`` value (``--num_samples`` n, the
 early-stopping rule `tfcert.sequential.StoppingRule(0, method)` with the library's
-schedule, or ``method:first_look:growth``), loads every export in this process (``tf.saved_model.load``: the graph TF
+schedule, or ``method:first_look:growth``) and ``--target_statistics`` value, loads every export in this process (``tf.saved_model.load``: the graph TF
 Serving runs, without its RPC layer) and sends the same requests to
 ``certify_seeded`` (fixed n, from the first export) and to each export's
 ``certify_target_seeded`` (target ``--target_radius``), interleaved (every signature
@@ -51,6 +51,11 @@ flags.DEFINE_float("alpha", 0.001, "Failure probability α.")
 flags.DEFINE_list("methods", ["mixture", "checkpoints"], "Early-stopping rules, one export "
                   "each: a method of tfcert.sequential.METHODS with the library's schedule, "
                   "or method:first_look:growth (e.g. mixture:100:2).")
+flags.DEFINE_list("target_statistics", ["simultaneous"], "Statistics of certify_target, "
+                  "one export per method and statistics: simultaneous and/or cohen (with "
+                  "--target_selection_samples selection draws).")
+flags.DEFINE_integer("target_selection_samples", 8, "Selection draws of the exports with "
+                     "Cohen's statistics.", lower_bound=1)
 flags.DEFINE_integer("single_requests", 20, "Single-image requests.", lower_bound=1)
 flags.DEFINE_integer("batch_requests", 3, "Batch requests.", lower_bound=0)
 flags.DEFINE_integer("batch_size", 20, "Images per batch request.", lower_bound=1)
@@ -88,17 +93,21 @@ def main(argv: list[str]) -> None:
               "alpha": FLAGS.alpha, "load_before": os.getloadavg()[0], "results": {}}
     with tempfile.TemporaryDirectory() as folder:
         signatures, looks = {}, {}
-        for index, method in enumerate(FLAGS.methods):
+        for index, (method, statistics) in enumerate(
+                (m, s) for m in FLAGS.methods for s in FLAGS.target_statistics):
             path = os.path.join(folder, str(index))
-            config = export.export_saved_model(smoothed, path, FLAGS.num_samples, FLAGS.alpha,
-                                               early_stopping=_rule(method))
+            config = export.export_saved_model(
+                smoothed, path, FLAGS.num_samples, FLAGS.alpha, early_stopping=_rule(method),
+                target_statistics=statistics,
+                target_selection_samples=FLAGS.target_selection_samples)
             loaded = tf.saved_model.load(path).signatures
             if not signatures:
                 signatures["certify_seeded"] = _request(loaded["certify_seeded"], x)
                 report["pass_size"] = config.pass_size
-            signatures[f"certify_target_seeded ({method})"] = _request(
-                loaded["certify_target_seeded"], x, FLAGS.target_radius)
-            looks[f"certify_target_seeded ({method})"] = config
+            name = f"certify_target_seeded ({method}" + (
+                f", cohen s = {config.target_selection_samples})" if statistics == "cohen" else ")")
+            signatures[name] = _request(loaded["certify_target_seeded"], x, FLAGS.target_radius)
+            looks[name] = config
         for kind, requests in (("single image", single), (f"batch of {FLAGS.batch_size}", batches)):
             if not requests:
                 continue
@@ -191,22 +200,25 @@ def _row(seconds: list, answers: list, requests: list, labels, fixed_median: flo
 def _look_cost(smoothed, config, images, answers: list) -> dict:
     """Looks per request, and the median seconds of one compiled `tfcert.sequential.look`
     on ``images``' votes after the first look, with the target unreached (+inf: the
-    futility rule runs)."""
+    futility rule runs); under Cohen's statistics with each image's top class selected."""
     import numpy as np
     import tensorflow as tf
 
     from tfcert.sequential import look
 
     looks = np.array(config.target_looks)
-    ran = [int(np.searchsorted(looks, a["num_samples"].max()) + 1) for a in answers]
+    spent = config.target_selection_samples  # selection draws, in num_samples
+    ran = [int(np.searchsorted(looks, a["num_samples"].max() - spent) + 1) for a in answers]
     trials = np.diff(looks, prepend=0)
     votes = smoothed.sample_counts(images, int(looks[0]), seed=0)[:, None, :]
+    selected = tf.constant(votes[:, 0].argmax(axis=1), tf.int64)
     final = config.target_final_level
     step = tf.function(lambda v: look(
         config.stopping_rule(), v, trials[:1], trials[1:],
         tf.constant([config.target_levels[0], config.target_levels[-1]], tf.float64),
         tf.constant([0.0, final], tf.float64), tf.fill([len(images)], np.float64(np.inf)),
-        config.sigma, ("renyi",), "simultaneous"))
+        config.sigma, ("renyi",), config.target_statistics,
+        selected if config.target_statistics == "cohen" else None))
     step(votes)
     seconds = []
     for _ in range(20):
