@@ -14,7 +14,9 @@ Prints a report (docs/PERFORMANCE.md shows one with the machine it ran on):
    ``TensorFlowV2RandomizedSmoothing.certify`` (if installed), and a naive loop (one
    eager model call per noisy sample);
 3. `sample_counts` throughput at the calibrated default pass size (`tfcert.pass_sizes`),
-   at every candidate size and at the memory heuristic's, next to ART's certify;
+   at every candidate size and at the memory heuristic's, next to ART's certify; then a
+   paired check of the default against the fastest other size (``--verify_rounds``
+   fresh rounds, a 95% interval of the ratio: within 1% of the best or not);
 4. training cost of every objective (standard, gaussian, stn, consistency, macer,
    smoothadv, pgd, trades): seconds per step and per epoch, and the ratio to standard;
 5. radius computation time for 10,000 images;
