@@ -410,7 +410,9 @@ class SmoothedClassifier:
             bound: ``"renyi"``, ``"cohen"``, ``"pixeldp"`` or a sequence of them, all
                 computed on the same counts (``radius`` is the first one's).
             statistics: ``"simultaneous"`` (STN) or ``"cohen"`` (selection + estimation).
-            num_selection_samples: n0 of Cohen's statistics (ignored otherwise).
+            num_selection_samples: n0 of Cohen's statistics (ignored otherwise); with
+                ``early_stopping`` a few suffice (8 kept the accuracy on held-out MNIST
+                images, docs/PERFORMANCE.md section 3).
             batch_size: noisy inputs per forward pass.
             seed, indices: as `sample_counts`; the selection draws are the `SELECTION`
                 stream of the same run key, independent of the estimation draws.

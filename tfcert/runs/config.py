@@ -181,8 +181,9 @@ class CertifyConfig(_DataOptions, _EngineOptions):
     num_samples: int = option(1000, "n: noisy samples per example for the bounds.", "integer",
                               lower_bound=1)
     num_selection_samples: int = option(
-        100, "n0: selection samples of --statistics=cohen (ignored otherwise).", "integer",
-        lower_bound=1)
+        100, "n0: selection samples of --statistics=cohen (ignored otherwise); with "
+        "--target_radius (early stopping) a few suffice, e.g. 8 (docs/PERFORMANCE.md).",
+        "integer", lower_bound=1)
     alpha: float = option(0.001, "Failure probability α of each certificate.", "float")
     bounds: tuple[str, ...] = option(
         ("renyi", "cohen"), "Radii to compute on the same counts: renyi (STN Thm. 2), cohen "
