@@ -111,8 +111,9 @@ def main(argv: list[str]) -> None:
     unknown = sorted(set(FLAGS.sections) - set(SECTIONS))
     cli.require(not unknown, f"unknown --sections {unknown}; choose from {list(SECTIONS)}")
     if FLAGS.quick:
-        for name, value in (("rounds", 1), ("verify_rounds", 3), ("passes", 1), ("naive_samples", 8),
-                            ("num_images", 6), ("num_samples", 200), ("pass_size", 64),
+        for name, value in (("rounds", 1), ("verify_rounds", 3), ("passes", 1),
+                            ("naive_samples", 8), ("num_images", 6), ("num_samples", 200),
+                            ("pass_size", 64),
                             ("export_samples", ["200"])):
             setattr(FLAGS, name, value)
     report: dict = {"command": " ".join(["python benchmarks/bench.py", *sys.argv[1:]]),
@@ -334,13 +335,15 @@ def pass_size_throughput(model) -> dict:
         calibration_seconds = _timed(lambda: default.sample_counts(images, draws))
         chosen = default.pass_size(IMAGE_SHAPE)
     per_image = 128 if FLAGS.quick else 1024  # 8,192 draws per measurement
-    work = {f"default (calibrated: {chosen})": (
-        lambda: default.sample_counts(images, per_image), len(images) * per_image)}
+
+    def counts_at(size: int | None) -> tuple[Callable[[], object], int]:
+        """A measurement of ``sample_counts`` at ``size`` (None: the default)."""
+        return lambda: default.sample_counts(images, per_image, size), len(images) * per_image
+
+    work = {f"default (calibrated: {chosen})": counts_at(None)}
     labels = {size: f"pass size {size}" + (" (memory heuristic)" if size == memory_size else "")
               for size in sorted({*sizes, memory_size})}
-    for size, label in labels.items():
-        work[label] = (lambda size=size: default.sample_counts(images, per_image, size),
-                       len(images) * per_image)
+    work.update({label: counts_at(size) for size, label in labels.items()})
     art_status = _art_work(model, images[:max(1, len(images) * per_image // 1000)],
                            FLAGS.sigma, work)
     rates = _interleaved(work, FLAGS.rounds)
@@ -356,24 +359,23 @@ def pass_size_throughput(model) -> dict:
         print(f"    ART: {art_status}")
     challenger = max((size for size in labels if size != chosen),
                      key=lambda size: relative[labels[size]])
-    verify = _within_one_percent(default, images, per_image, chosen, challenger)
+    verify = _within_one_percent(counts_at, chosen, challenger)
     return {"rates": rates, "memory_size": memory_size, "calibrated": chosen,
             "candidates": sizes, "best": best, "calibration_seconds": calibration_seconds,
             "calibration_draws": len(images) * draws, "art": art_status or "measured",
             "verify": verify}
 
 
-def _within_one_percent(default, images, per_image: int, chosen: int, challenger: int) -> dict:
+def _within_one_percent(counts_at: Callable, chosen: int, challenger: int) -> dict:
     """[3] Is the default pass size within 1% of the best?  ``--verify_rounds`` fresh
     rounds of the default and the sweep's fastest other size (``challenger``), in random
     order per round: the 95% interval of the challenger's speed over the default's
     decides: at most 1.01 = within 1% (verified), above 1.01 = not within, else
     undecided at this machine's noise.  Fresh rounds, so the sweep's luck in picking
-    the challenger does not bias it."""
-    work = {f"default (calibrated: {chosen})": (
-        lambda: default.sample_counts(images, per_image), len(images) * per_image),
-        f"pass size {challenger} (sweep's best other)": (
-        lambda: default.sample_counts(images, per_image, challenger), len(images) * per_image)}
+    the challenger does not bias it.  ``counts_at(size)``: a measurement at ``size``
+    (None: the default)."""
+    work = {f"default (calibrated: {chosen})": counts_at(None),
+            f"pass size {challenger} (sweep's best other)": counts_at(challenger)}
     rates = _interleaved(work, FLAGS.verify_rounds)
     other = rates[list(work)[1]]
     low, high = other["ratio_interval_95"]

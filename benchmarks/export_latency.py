@@ -6,10 +6,11 @@
 
 Exports the smoothed classifier once per ``--methods`` value (``--num_samples`` n, the
 early-stopping rule `tfcert.sequential.StoppingRule(0, method)` with the library's
-schedule, or ``method:first_look:growth``) and ``--target_statistics`` value, loads every export in this process (``tf.saved_model.load``: the graph TF
-Serving runs, without its RPC layer) and sends the same requests to
-``certify_seeded`` (fixed n, from the first export) and to each export's
-``certify_target_seeded`` (target ``--target_radius``), interleaved (every signature
+schedule, or ``method:first_look:growth``) and ``--target_statistics`` value, loads
+every export in this process (``tf.saved_model.load``: the graph TF Serving runs,
+without its RPC layer) and sends the same requests to ``certify_seeded`` (fixed n, from
+the first export) and to each export's ``certify_target_seeded`` (target
+``--target_radius``), interleaved (every signature
 answers request r before any answers request r + 1, so all see the same machine load),
 after one warm-up request of each shape per signature:
 

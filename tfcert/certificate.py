@@ -113,6 +113,13 @@ def certify_counts(counts: stats.TensorLike, alpha: stats.TensorLike, sigma: sta
     return {"prediction": prediction, "p1_lower": p1_lower, "p2_upper": p2_upper, **radii}
 
 
+def select_counts(counts: stats.TensorLike) -> tf.Tensor:
+    """Cohen et al.'s selection step: int64 [batch], the class with the most of each
+    image's selection votes ``[batch, k]`` (first on ties), the class Cohen's statistics
+    bound.  Core TF: `SmoothedClassifier.select` and the export's ``certify_target`` call it."""
+    return tf.argmax(stats.vote_counts(counts), axis=-1, output_type=tf.int64)
+
+
 def predict_counts(counts: stats.TensorLike,
                    alpha: stats.TensorLike) -> tuple[tf.Tensor, tf.Tensor]:
     """Cohen et al.'s PREDICT on votes ``[batch, k]``: ``(prediction, p_value)``.

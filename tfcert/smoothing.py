@@ -42,7 +42,7 @@ import tensorflow as tf
 
 from tfcert import pass_sizes, stats
 from tfcert.certificate import (Certificate, bound_names, certificate_from_counts,
-                                check_statistics, predict_counts)
+                                check_statistics, predict_counts, select_counts)
 from tfcert.devices import (COMPUTE_DTYPES, MAX_PASS_SIZE, activation_bytes, bfloat16_clone,
                             clone_with_weights, native_bfloat16, pass_memory,
                             pass_memory_cap)
@@ -445,10 +445,10 @@ class SmoothedClassifier:
     def select(self, x, num_selection_samples: int, batch_size: int | None = None,
                seed: int | Sequence[int] | None = None, indices=None) -> np.ndarray:
         """Class with the most of ``num_selection_samples`` votes of the `SELECTION` stream
-        (Cohen's selection step)."""
+        (Cohen's selection step, `tfcert.certificate.select_counts`)."""
         counts = self.sample_counts(x, num_selection_samples, batch_size, seed, indices,
                                     stream=SELECTION)
-        return np.argmax(counts, axis=1)
+        return select_counts(counts).numpy()
 
     def predict(self, x, num_samples: int, alpha: float = 0.001,
                 batch_size: int | None = None, seed: int | Sequence[int] | None = None,

@@ -37,17 +37,18 @@ Signatures (each takes ``images``: float32 ``[batch, H, W, C]`` in [0, 1], any b
 ``certify_target``, ``certify_target_seeded``
     Certification with early stopping (:mod:`tfcert.sequential`; simultaneous
     statistics, or Cohen's with ``target_statistics="cohen"``: a class selected first on
-    ``target_selection_samples`` draws of the separate selection stream) in one in-graph ``tf.while_loop`` whose every look calls
-    `tfcert.sequential.look`, the function the Python API calls.  A second input
+    ``target_selection_samples`` draws of the separate selection stream) in one in-graph
+    ``tf.while_loop`` whose every look calls `tfcert.sequential.look`, the function the
+    Python API calls.  A second input
     ``target_radius`` (float32 ``[batch]``, finite, >= 0) gives each image's target.
     The bounds, looks and stopping rules are those of the export's
     `tfcert.sequential.StoppingRule` (``early_stopping=``, ``--stopping_method``;
     default: the mixture confidence sequence, first look after 32 draws, then every
     +10%, 10% of α kept for Clopper-Pearson bounds at the last look), recorded in the
     config asset (``stopping_method``, ``target_looks``, ``target_levels``,
-    ``target_final_level``, ``target_statistics``, ...).  At look j every still undecided image gets draws
-    ``n_{j-1} … n_j − 1`` (only the undecided images are gathered into the sampling
-    passes) and its certificate from all its votes so far; it stops once certified at
+    ``target_final_level``, ``target_statistics``, ...).  At look j every still
+    undecided image gets draws ``n_{j-1} … n_j − 1`` (only the undecided images are
+    gathered into the sampling passes) and its certificate from all its votes so far; it stops once certified at
     radius >= its target, or once the target is out of reach (its reachable radius is
     below it); the loop ends when every image has stopped or after the n-th draw.
     Outputs: those of ``certify_seeded`` (the certificate of the look where the image

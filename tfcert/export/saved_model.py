@@ -17,7 +17,8 @@ import numpy as np
 import tensorflow as tf
 
 import tfcert
-from tfcert.certificate import ABSTAIN, RADII, check_statistics, certify_counts, predict_counts
+from tfcert.certificate import (ABSTAIN, RADII, certify_counts, check_statistics,
+                                predict_counts, select_counts)
 from tfcert.devices import PASS_DEVICES
 from tfcert.export.reading import CONFIG_ASSET, FORBIDDEN_OPS, forbidden_ops
 from tfcert.export.warmup import WARMUP_FILE, WARMUP_PIXEL, write_warmup_requests
@@ -337,13 +338,11 @@ def _config(smoothed: SmoothedClassifier, num_samples: int, alpha: float, bound:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     predict_num_samples = num_samples if predict_num_samples is None else predict_num_samples
     for label, value in (("num_samples", num_samples), ("pass_size", pass_size),
-                         ("predict_num_samples", predict_num_samples)):
+                         ("predict_num_samples", predict_num_samples),
+                         ("target_selection_samples", target_selection_samples)):
         if value is not None and (int(value) != value or value < 1):
             raise ValueError(f"{label} must be a positive integer, got {value}")
     check_statistics(target_statistics)
-    if int(target_selection_samples) != target_selection_samples or target_selection_samples < 1:
-        raise ValueError(f"target_selection_samples must be a positive integer, got "
-                         f"{target_selection_samples}")
     if image_shape is None:
         image_shape = tuple(smoothed.base_model.input_shape[1:])
     if len(image_shape) != 3 or not all(isinstance(d, int) and d > 0 for d in image_shape):
@@ -609,13 +608,13 @@ def _stream_keys(run: tuple[tf.Tensor, tf.Tensor], stream: int) -> tf.Tensor:
 
 def _selected(votes: _VoteCounter, images: tf.Tensor, run: tuple[tf.Tensor, tf.Tensor],
               config: ExportConfig) -> tf.Tensor | None:
-    """Cohen's selection (`SmoothedClassifier.select`): int64 [batch], each image's class
-    with the most of ``target_selection_samples`` votes of the `SELECTION` stream; None
+    """Cohen's selection (`tfcert.certificate.select_counts`, as `SmoothedClassifier.select`)
+    on ``target_selection_samples`` votes of the `SELECTION` stream: int64 [batch]; None
     under simultaneous statistics."""
     if config.target_statistics != "cohen":
         return None
-    counts = votes.count(images, _stream_keys(run, SELECTION), config.target_selection_samples)
-    return tf.argmax(counts, axis=-1, output_type=tf.int64)
+    return select_counts(votes.count(images, _stream_keys(run, SELECTION),
+                                     config.target_selection_samples))
 
 
 def _prediction(counts: tf.Tensor, alpha: float) -> dict[str, tf.Tensor]:
